@@ -1,0 +1,116 @@
+"""Test-time protocol shared by train.py, evaluate.py and compress.py.
+
+Every user is one test case (target = last item, history = up to ``max_history`` items before it), the
+model ranks item codes by constrained beam search, and HR/NDCG come from the target's rank. A
+most-popular-items ranking on the same split is reported beside it as a floor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from odllm.data import Example, Split, leave_one_out, load_dataset
+from odllm.generation import ItemTrie, recommend
+from odllm.metrics import format_metrics, ranking_metrics
+from odllm.prompts import SeqRecEncoder
+from odllm.recommender import Recommender
+
+log = logging.getLogger(__name__)
+
+
+def score_examples(
+    model,
+    encoder: SeqRecEncoder,
+    trie: ItemTrie,
+    examples: Sequence[Example],
+    cfg: DictConfig,
+    pad_id: int,
+    desc: str = "test",
+) -> dict:
+    """Beam-search ranking of ``examples`` -> metrics dict (values with standard errors)."""
+    start = time.perf_counter()
+    recs = recommend(
+        model,
+        [encoder.prompt(e.history, cfg.template) for e in examples],
+        [encoder.item(e.target) for e in examples],
+        trie,
+        num_beams=cfg.num_beams,
+        batch_size=cfg.batch_size,
+        pad_id=pad_id,
+        progress=cfg.progress,
+        desc=desc,
+    )
+    return {
+        "metrics": ranking_metrics(recs.ranks, cfg.num_beams, cfg.ks),
+        "users": len(examples),
+        "num_beams": cfg.num_beams,
+        "invalid_beams": recs.invalid_beams,
+        "short_beams": recs.short_beams,
+        "seconds": round(time.perf_counter() - start, 2),
+        "_recommendations": recs,
+    }
+
+
+def popularity_baseline(split: Split, encoder: SeqRecEncoder, examples: Sequence[Example], ks) -> dict:
+    """Most popular codes among everything a test user could have seen (train items + valid targets)."""
+    counts: Counter = Counter()
+    for seq in split.train.values():
+        counts.update(tuple(encoder.item(i)) for i in seq)
+    counts.update(tuple(encoder.item(e.target)) for e in split.valid)
+    length = max(ks)
+    top = [code for code, _ in counts.most_common(length)]
+    rank_of = {code: r + 1 for r, code in enumerate(top)}
+    ranks = torch.tensor([rank_of.get(tuple(encoder.item(e.target)), 0) for e in examples])
+    return ranking_metrics(ranks, length, ks)
+
+
+def public(result: dict) -> dict:
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    """Atomic JSON write (temp file + rename), so a killed run never leaves a truncated file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+
+
+def latest_model_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.model_dir) if cfg.get("model_dir") else Path(cfg.paths.models_dir) / cfg.dataset.name
+
+
+def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
+    """evaluate.py: score a saved model directory (dense or compressed) on the test split."""
+    from odllm.compression import load_compressed
+
+    model_dir = latest_model_dir(cfg)
+    rec = Recommender.load(model_dir, model_loader=load_compressed)
+    split = leave_one_out(load_dataset(cfg.dataset), cfg.task.max_history)
+    examples = split.test
+    unknown = {e.target for e in examples if e.target not in rec.item_codes.codes}
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} test items are not in the model's item index (e.g. {sorted(unknown)[:5]}): "
+            f"the model at {model_dir} was trained on another dataset than dataset={cfg.dataset.name}"
+        )
+    result = score_examples(rec.model, rec.encoder, rec.trie(), examples, cfg.eval, rec.tokenizer.pad_token_id)
+    payload = {
+        "dataset": cfg.dataset.name,
+        "model_dir": str(model_dir),
+        "test": public(result),
+        "popularity": popularity_baseline(split, rec.encoder, examples, cfg.eval.ks),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json(Path(output_dir) / "metrics.json", payload)
+    log.info("test  %s", format_metrics(result["metrics"]))
+    log.info("popularity  %s", format_metrics(payload["popularity"]))
+    return payload

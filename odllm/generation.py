@@ -1,0 +1,151 @@
+"""Constrained beam search: every beam is a real item's code.
+
+A prefix trie over the item codes gives, for each partial code, the tokens that may follow; all other
+tokens get -inf before the beams are ranked. Scores are log-probabilities under the model's full
+vocabulary (as in Hugging Face's ``prefix_allowed_tokens_fn``), so the ranking of complete codes is the
+model's own. The prompt is encoded once; its key/value cache is repeated per beam and reordered as beams
+are chosen, so each further code level costs one token per beam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+class ItemTrie:
+    """Prefix trie over equal-length token-id sequences."""
+
+    def __init__(self, codes: Sequence[Sequence[int]], vocab_size: int):
+        self.codes = {tuple(c) for c in codes}
+        if not self.codes:
+            raise ValueError("the trie needs at least one item code")
+        self.depth = len(next(iter(self.codes)))
+        children: dict[tuple[int, ...], set[int]] = {}
+        for code in self.codes:
+            for t in range(self.depth):
+                children.setdefault(code[:t], set()).add(code[t])
+        self.vocab_size = vocab_size
+        self._allowed = {p: torch.tensor(sorted(c)) for p, c in children.items()}
+        self._empty = torch.empty(0, dtype=torch.long)
+
+    def allowed(self, prefix: Sequence[int]) -> torch.Tensor:
+        return self._allowed.get(tuple(prefix), self._empty)
+
+    def mask(self, prefixes: torch.Tensor) -> torch.Tensor:
+        """Additive mask (0 allowed, -inf not) for a batch of prefixes ``[rows, t]``."""
+        mask = torch.full((prefixes.shape[0], self.vocab_size), float("-inf"))
+        for row, prefix in enumerate(prefixes.tolist()):
+            mask[row, self.allowed(prefix)] = 0.0
+        return mask
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def beam_search(
+    model, prompts: Sequence[Sequence[int]], trie: ItemTrie, num_beams: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns codes ``[B, num_beams, depth]`` and scores ``[B, num_beams]``, best first.
+
+    When fewer than ``num_beams`` codes exist, the surplus beams have score -inf and are not items.
+    """
+    ids, attn = left_pad(prompts, pad_id)
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1)
+    logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    batch = ids.shape[0]
+    root = trie.mask(torch.empty((1, 0), dtype=torch.long))
+    scores, tokens = (logp + root).topk(min(num_beams, trie.vocab_size), dim=-1)
+    codes = tokens.unsqueeze(-1)  # [B, W, 1]
+    if trie.depth == 1:
+        return codes, scores
+
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(num_beams)
+    attn = attn.repeat_interleave(num_beams, dim=0)
+    next_pos = positions[:, -1].repeat_interleave(num_beams) + 1
+    scores = scores.reshape(-1)
+    codes = codes.reshape(batch * num_beams, 1)
+    for _ in range(1, trie.depth):
+        attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
+        out = model(
+            input_ids=codes[:, -1:],
+            attention_mask=attn,
+            position_ids=next_pos[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        total = (scores[:, None] + logp + trie.mask(codes)).view(batch, -1)
+        scores, flat = total.topk(num_beams, dim=-1)
+        parent = flat // trie.vocab_size + torch.arange(batch)[:, None] * num_beams
+        parent, scores = parent.reshape(-1), scores.reshape(-1)
+        codes = torch.cat([codes[parent], (flat % trie.vocab_size).reshape(-1, 1)], dim=-1)
+        cache.reorder_cache(parent)
+        next_pos = next_pos + 1
+    return codes.view(batch, num_beams, -1), scores.view(batch, num_beams)
+
+
+def ranked_codes(codes: torch.Tensor, scores: torch.Tensor) -> list[list[tuple[int, ...]]]:
+    """Per prompt, the codes of its real beams (finite score), best first."""
+    return [
+        [tuple(c) for c, s in zip(row_codes, row_scores, strict=True) if s > float("-inf")]
+        for row_codes, row_scores in zip(codes.tolist(), scores.tolist(), strict=True)
+    ]
+
+
+def rank_of(target: Sequence[int], ranked: list[tuple[int, ...]]) -> int:
+    """1-based rank of the target's code, 0 when absent (shared codes: any item with it counts)."""
+    target = tuple(target)
+    return ranked.index(target) + 1 if target in ranked else 0
+
+
+@dataclass
+class Recommendations:
+    ranks: torch.Tensor  # [N] 1-based rank of the target's code among the beams, 0 if absent
+    invalid_beams: int  # finite-score beams that are not item codes (must be 0)
+    short_beams: int  # beams left empty because fewer items than beams exist
+    top_codes: list[list[tuple[int, ...]]]  # per example, the ranked codes (for overlap comparisons)
+
+
+def recommend(
+    model,
+    prompts: Sequence[Sequence[int]],
+    targets: Sequence[Sequence[int]],
+    trie: ItemTrie,
+    *,
+    num_beams: int,
+    batch_size: int,
+    pad_id: int,
+    progress: bool = True,
+    desc: str = "beam search",
+) -> Recommendations:
+    """Ranks the item codes for every prompt; batches are formed from prompts of similar length."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    ranks = torch.zeros(len(prompts), dtype=torch.long)
+    top_codes: list[list[tuple[int, ...]]] = [[] for _ in prompts]
+    invalid = short = 0
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        codes, scores = beam_search(model, [prompts[i] for i in chunk], trie, num_beams, pad_id)
+        for i, ranked in zip(chunk, ranked_codes(codes, scores), strict=True):
+            short += num_beams - len(ranked)
+            invalid += sum(c not in trie.codes for c in ranked)
+            top_codes[i] = ranked
+            ranks[i] = rank_of(targets[i], ranked)
+    model.train(was_training)
+    return Recommendations(ranks, invalid, short, top_codes)

@@ -1,0 +1,89 @@
+"""A recommender on disk: model + tokenizer + item index + task settings, in one directory.
+
+train.py writes it, compress.py and evaluate.py read it. The directory is written atomically: a killed
+run never leaves a half-written model where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from odllm.generation import ItemTrie
+from odllm.items import ItemCodes
+from odllm.prompts import SeqRecEncoder
+
+META_FILE = "odllm.json"
+
+
+def write_directory_atomically(target: str | Path, write: Callable[[Path], None]) -> Path:
+    """Calls ``write(tmp_dir)`` and swaps the result into ``target``; the old one is removed only after."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+@dataclass
+class Recommender:
+    model: torch.nn.Module
+    tokenizer: object
+    item_codes: ItemCodes
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.encoder = SeqRecEncoder(self.tokenizer, self.item_codes)
+
+    @staticmethod
+    def trie_for(encoder: SeqRecEncoder, vocab_size: int) -> ItemTrie:
+        return ItemTrie(encoder.item_ids.values(), vocab_size)
+
+    def trie(self) -> ItemTrie:
+        return self.trie_for(self.encoder, self.model.get_output_embeddings().weight.shape[0])
+
+    def save(self, directory: str | Path, extra: Callable[[Path], None] | None = None) -> Path:
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            self.item_codes.save(tmp)
+            (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2))
+            if extra is not None:
+                extra(tmp)
+
+        return write_directory_atomically(directory, write)
+
+    @classmethod
+    def load(cls, directory: str | Path, model_loader: Callable[[Path], torch.nn.Module] | None = None):
+        directory = Path(directory)
+        if not (directory / "config.json").exists():
+            raise FileNotFoundError(
+                f"no saved model at {directory}: run `python train.py dataset=...` first, "
+                "or pass model_dir=<a directory written by train.py or compress.py>"
+            )
+        load = model_loader or (lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
+        model = load(directory)
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer.padding_side = "left"
+        meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).exists() else {}
+        return cls(model, tokenizer, ItemCodes.load(directory), meta)

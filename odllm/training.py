@@ -1,0 +1,135 @@
+"""train.py: LC-Rec instruction tuning of a causal LM on the seqrec task, then test evaluation.
+
+The best epoch (by valid NDCG@10) is restored, LoRA (if any) is merged, and the plain model is saved
+with its tokenizer and item index at ``paths.models_dir/<dataset>`` so later steps find it by dataset name.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from odllm.data import leave_one_out, load_dataset
+from odllm.datamodule import SeqRecDataModule
+from odllm.evaluation import latest_model_dir, popularity_baseline, public, score_examples, write_json
+from odllm.items import build_item_codes
+from odllm.metrics import format_metrics
+from odllm.model import build_model, merge, parameter_summary
+from odllm.module import SeqRecModule
+from odllm.prompts import SEQREC_TEMPLATES, SeqRecEncoder
+from odllm.recommender import Recommender
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig, output_dir: str | Path) -> dict:
+    output_dir = Path(output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    started = time.perf_counter()
+
+    dataset = load_dataset(cfg.dataset)
+    split = leave_one_out(dataset, cfg.task.max_history)
+    item_codes = build_item_codes(cfg.dataset.item_tokens, dataset.items, dataset.semantic_index)
+    if item_codes.collisions:
+        log.info(
+            "%d items share their full code with another item (%d distinct codes for %d items); "
+            "a recommended code counts as a hit for every item that carries it",
+            item_codes.collisions, item_codes.distinct_codes, len(item_codes.codes),
+        )
+    corpus = list(SEQREC_TEMPLATES) + list(dataset.item_text.values())
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = build_model(cfg.model, item_codes, corpus)
+    encoder = SeqRecEncoder(tokenizer, item_codes)
+    log.info("model: %s", parameter_summary(model))
+
+    valid = split.valid
+    if cfg.train.val_users and cfg.train.val_users < len(valid):
+        valid = random.Random(cfg.seed).sample(valid, cfg.train.val_users)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    trie = Recommender.trie_for(encoder, vocab)
+    datamodule = SeqRecDataModule(
+        encoder,
+        split,
+        tokenizer.pad_token_id,
+        mode=cfg.task.mode,
+        max_history=cfg.task.max_history,
+        window_stride=cfg.task.window_stride,
+        batch_size=cfg.train.batch_size,
+        valid_examples=valid,
+        eval_batch_size=cfg.eval.batch_size,
+        seed=cfg.seed,
+    )
+    module = SeqRecModule(
+        model,
+        encoder,
+        trie,
+        tokenizer.pad_token_id,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        warmup_ratio=cfg.train.warmup_ratio,
+        num_beams=cfg.eval.num_beams,
+        ks=tuple(cfg.eval.ks),
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename="best",
+        monitor="val/ndcg@10",
+        mode="max",
+        save_last=True,
+    )
+    callbacks = [checkpoint]
+    if cfg.train.early_stopping_patience:
+        callbacks.append(EarlyStopping("val/ndcg@10", mode="max", patience=cfg.train.early_stopping_patience))
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        callbacks=callbacks,
+        logger=CSVLogger(output_dir, name="logs") if cfg.logger == "csv" else False,
+        default_root_dir=output_dir,
+        reload_dataloaders_every_n_epochs=1,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    fit_seconds = time.perf_counter() - started
+
+    best = checkpoint.best_model_path or checkpoint.last_model_path
+    module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    model = merge(module.model)
+    meta = {
+        "dataset": cfg.dataset.name,
+        "item_tokens": item_codes.kind,
+        "max_history": cfg.task.max_history,
+        "best_valid_ndcg@10": float(checkpoint.best_model_score or float("nan")),
+        "best_checkpoint": str(best),
+    }
+    recommender = Recommender(model, tokenizer, item_codes, meta)
+    model_dir = recommender.save(latest_model_dir(cfg))
+    log.info("saved the trained model to %s", model_dir)
+
+    test = score_examples(model, encoder, trie, split.test, cfg.eval, tokenizer.pad_token_id)
+    payload = {
+        "dataset": cfg.dataset.name,
+        "dataset_stats": vars(dataset.stats),
+        "model_dir": str(model_dir),
+        "model": parameter_summary(model),
+        "epochs_run": trainer.current_epoch,
+        "train_seconds": round(fit_seconds, 1),
+        "best_valid_ndcg@10": meta["best_valid_ndcg@10"],
+        "valid_users": len(valid),
+        "test": public(test),
+        "popularity": popularity_baseline(split, encoder, split.test, cfg.eval.ks),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json(output_dir / "metrics.json", payload)
+    write_json(model_dir / "metrics.json", payload)
+    log.info("test  %s", format_metrics(test["metrics"]))
+    log.info("popularity  %s", format_metrics(payload["popularity"]))
+    return payload
