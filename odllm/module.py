@@ -37,6 +37,11 @@ class SeqRecModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        if isinstance(batch, list):  # valid batches are Examples, encoded in validation_step
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def validation_step(self, batch: list[Example], batch_idx: int) -> None:
         prompts = [self.encoder.prompt(e.history) for e in batch]
         codes, scores = beam_search(self.model, prompts, self.trie, self.num_beams, self.pad_id)
