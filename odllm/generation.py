@@ -3,8 +3,7 @@
 A prefix trie over the item codes gives, for each partial code, the tokens that may follow; all other
 tokens get -inf before the beams are ranked. Scores are log-probabilities under the model's full
 vocabulary (as in Hugging Face's ``prefix_allowed_tokens_fn``), so the ranking of complete codes is the
-model's own. The prompt is encoded once; its key/value cache is repeated per beam and reordered as beams
-are chosen, so each further code level costs one token per beam.
+model's own. The prompt is encoded once per user and its key/value cache is shared by all of that user's beams.
 """
 
 from __future__ import annotations
@@ -53,6 +52,18 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
+def beam_mask(prompt_mask: torch.Tensor, num_beams: int, steps: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask ``[B, 1, W*t, P + W*t]``: each beam's tokens see the prompt and their own past only."""
+    own = torch.ones(steps, steps, dtype=torch.bool).tril()
+    beams = torch.block_diag(*[own] * num_beams)  # [W*t, W*t]
+    batch = prompt_mask.shape[0]
+    allowed = torch.cat(
+        [prompt_mask.bool()[:, None, :].expand(batch, num_beams * steps, -1), beams.expand(batch, -1, -1)], dim=-1
+    )
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
 @torch.no_grad()
 def beam_search(
     model, prompts: Sequence[Sequence[int]], trie: ItemTrie, num_beams: int, pad_id: int
@@ -60,6 +71,9 @@ def beam_search(
     """Returns codes ``[B, num_beams, depth]`` and scores ``[B, num_beams]``, best first.
 
     When fewer than ``num_beams`` codes exist, the surplus beams have score -inf and are not items.
+    The prompt's key/value cache is computed once per user and shared by its beams: each later step feeds
+    every beam's partial code (at most ``depth - 1`` tokens) under a block mask and then crops the cache
+    back to the prompt, so no cache is ever repeated per beam or reordered.
     """
     ids, attn = left_pad(prompts, pad_id)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
@@ -67,35 +81,29 @@ def beam_search(
     logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     batch = ids.shape[0]
     root = trie.mask(torch.empty((1, 0), dtype=torch.long))
-    scores, tokens = (logp + root).topk(min(num_beams, trie.vocab_size), dim=-1)
-    codes = tokens.unsqueeze(-1)  # [B, W, 1]
-    if trie.depth == 1:
-        return codes, scores
-
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(num_beams)
-    attn = attn.repeat_interleave(num_beams, dim=0)
-    next_pos = positions[:, -1].repeat_interleave(num_beams) + 1
-    scores = scores.reshape(-1)
-    codes = codes.reshape(batch * num_beams, 1)
-    for _ in range(1, trie.depth):
-        attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
+    scores, codes = (logp + root).topk(min(num_beams, trie.vocab_size), dim=-1)
+    codes = codes.unsqueeze(-1)  # [B, W, 1]
+    width = codes.shape[1]
+    cache = out.cache
+    next_pos = positions[:, -1:] + 1
+    for steps in range(1, trie.depth):
         out = model(
-            input_ids=codes[:, -1:],
-            attention_mask=attn,
-            position_ids=next_pos[:, None],
-            past_key_values=cache,
+            input_ids=codes.reshape(batch, width * steps),
+            attention_mask=beam_mask(attn, width, steps, model.dtype),
+            position_ids=(next_pos + torch.arange(steps).repeat(width)).reshape(batch, -1),
+            cache=cache,
             use_cache=True,
         )
-        logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-        total = (scores[:, None] + logp + trie.mask(codes)).view(batch, -1)
-        scores, flat = total.topk(num_beams, dim=-1)
-        parent = flat // trie.vocab_size + torch.arange(batch)[:, None] * num_beams
-        parent, scores = parent.reshape(-1), scores.reshape(-1)
-        codes = torch.cat([codes[parent], (flat % trie.vocab_size).reshape(-1, 1)], dim=-1)
-        cache.reorder_cache(parent)
-        next_pos = next_pos + 1
-    return codes.view(batch, num_beams, -1), scores.view(batch, num_beams)
+        cache.crop(-width * steps)
+        last = out.logits.view(batch, width, steps, -1)[:, :, -1].float()
+        logp = torch.log_softmax(last, dim=-1)  # [B, W, V]
+        mask = trie.mask(codes.reshape(batch * width, steps)).view(batch, width, -1)
+        total = (scores[..., None] + logp + mask).view(batch, -1)
+        scores, flat = total.topk(width, dim=-1)
+        parent = torch.div(flat, trie.vocab_size, rounding_mode="floor")
+        token = (flat % trie.vocab_size)[..., None]
+        codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, steps)), token], dim=-1)
+    return codes, scores
 
 
 def ranked_codes(codes: torch.Tensor, scores: torch.Tensor) -> list[list[tuple[int, ...]]]:
