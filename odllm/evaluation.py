@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from odllm.data import Example, Split, leave_one_out, load_dataset
-from odllm.generation import ItemTrie, recommend
+from odllm.generation import ItemTrie, left_pad, recommend
 from odllm.metrics import format_metrics, ranking_metrics
 from odllm.prompts import SeqRecEncoder
 from odllm.recommender import Recommender
@@ -59,6 +59,38 @@ def score_examples(
     }
 
 
+@torch.no_grad()
+def fidelity(
+    dense, compressed, encoder: SeqRecEncoder, examples: Sequence[Example], dense_top, compressed_top,
+    *, template: int, batch_size: int, pad_id: int, top_k: int = 10,
+) -> dict:
+    """How close a compressed model stays to its dense parent on the test prompts.
+
+    ``kl``: mean KL(dense || compressed) of the next-token distributions at the positions that predict the
+    target's code tokens (teacher-forced); ``top10_overlap``: mean share of the dense model's top-10
+    recommended items that the compressed model also recommends.
+    """
+    dense.eval()
+    compressed.eval()
+    total_kl, positions = 0.0, 0
+    depth = encoder.item_codes.code_length
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        ids, mask = left_pad([encoder.prompt(e.history, template) + encoder.item(e.target) for e in chunk], pad_id)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logp = [
+            torch.log_softmax(m(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -depth - 1 : -1], -1)
+            for m in (dense, compressed)
+        ]
+        total_kl += (logp[0].exp() * (logp[0] - logp[1])).sum().item()
+        positions += logp[0].shape[0] * depth
+    overlap = [
+        len(set(d[:top_k]) & set(c[:top_k])) / max(1, min(top_k, len(d)))
+        for d, c in zip(dense_top, compressed_top, strict=True)
+    ]
+    return {"kl": total_kl / positions, "top10_overlap": sum(overlap) / len(overlap)}
+
+
 def popularity_baseline(split: Split, encoder: SeqRecEncoder, examples: Sequence[Example], ks) -> dict:
     """Most popular codes among everything a test user could have seen (train items + valid targets)."""
     counts: Counter = Counter()
@@ -79,9 +111,21 @@ def public(result: dict) -> dict:
 def write_json(path: str | Path, payload: dict) -> None:
     """Atomic JSON write (temp file + rename), so a killed run never leaves a truncated file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
+
+
+def check_items(rec: Recommender, split: Split, model_dir: Path, dataset: str) -> None:
+    """Every item of the split must have a code in the model's index, else the model is for other data."""
+    unknown = {i for seq in split.train.values() for i in seq} | {e.target for e in split.test}
+    unknown -= rec.item_codes.codes.keys()
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} items of dataset={dataset} are not in the model's item index (e.g. "
+            f"{sorted(unknown)[:5]}): the model at {model_dir} was trained on another dataset"
+        )
 
 
 def latest_model_dir(cfg: DictConfig) -> Path:
@@ -90,18 +134,11 @@ def latest_model_dir(cfg: DictConfig) -> Path:
 
 def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
     """evaluate.py: score a saved model directory (dense or compressed) on the test split."""
-    from odllm.compression import load_compressed
-
     model_dir = latest_model_dir(cfg)
-    rec = Recommender.load(model_dir, model_loader=load_compressed)
+    rec = Recommender.load(model_dir)
     split = leave_one_out(load_dataset(cfg.dataset), cfg.task.max_history)
+    check_items(rec, split, model_dir, cfg.dataset.name)
     examples = split.test
-    unknown = {e.target for e in examples if e.target not in rec.item_codes.codes}
-    if unknown:
-        raise ValueError(
-            f"{len(unknown)} test items are not in the model's item index (e.g. {sorted(unknown)[:5]}): "
-            f"the model at {model_dir} was trained on another dataset than dataset={cfg.dataset.name}"
-        )
     result = score_examples(rec.model, rec.encoder, rec.trie(), examples, cfg.eval, rec.tokenizer.pad_token_id)
     payload = {
         "dataset": cfg.dataset.name,

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from odllm.compression import load_compressed
 from odllm.generation import ItemTrie
 from odllm.items import ItemCodes
 from odllm.prompts import SeqRecEncoder
@@ -73,15 +74,14 @@ class Recommender:
         return write_directory_atomically(directory, write)
 
     @classmethod
-    def load(cls, directory: str | Path, model_loader: Callable[[Path], torch.nn.Module] | None = None):
+    def load(cls, directory: str | Path) -> Recommender:
         directory = Path(directory)
         if not (directory / "config.json").exists():
             raise FileNotFoundError(
                 f"no saved model at {directory}: run `python train.py dataset=...` first, "
                 "or pass model_dir=<a directory written by train.py or compress.py>"
             )
-        load = model_loader or (lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))
-        model = load(directory)
+        model = load_compressed(directory)  # a plain HF model when the directory holds no compression.json
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(directory)
         tokenizer.padding_side = "left"

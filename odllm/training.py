@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from odllm.compress_job import check_ratio, compress_recommender, method_config
 from odllm.data import leave_one_out, load_dataset
 from odllm.datamodule import SeqRecDataModule
 from odllm.evaluation import latest_model_dir, popularity_baseline, public, score_examples, write_json
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig, output_dir: str | Path) -> dict:
     output_dir = Path(output_dir)
+    if cfg.compress:  # fail before training, not after
+        check_ratio(cfg.ratio)
+        method_config(cfg, cfg.compress)
     L.seed_everything(cfg.seed, workers=True)
     started = time.perf_counter()
 
@@ -132,4 +136,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict:
     write_json(model_dir / "metrics.json", payload)
     log.info("test  %s", format_metrics(test["metrics"]))
     log.info("popularity  %s", format_metrics(payload["popularity"]))
+    if cfg.compress:  # post-fit compression of the saved best model, same path as compress.py
+        recommender.meta["model_dir"] = str(model_dir)
+        method = method_config(cfg, cfg.compress)
+        payload["compressed"] = compress_recommender(recommender, split, cfg, method, output_dir / "compress")
     return payload

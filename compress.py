@@ -1,0 +1,16 @@
+"""Compress a trained recommender: python compress.py ratio=0.5 [method=odllm|svd|svd_whiten|svd_align]."""
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from odllm.compress_job import compress
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    compress(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

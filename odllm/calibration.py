@@ -1,0 +1,101 @@
+"""What linear layers see on the calibration data, read by forward hooks without storing activations.
+
+A linear receives ``[batch, time, features]`` and cannot tell pad tokens apart, so every hook reads a boolean
+token mask ``[batch, time]`` (the batch's attention mask) and keeps only the real tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once it has what it came for."""
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x[mask]``: the ``[tokens, features]`` rows of the non-pad tokens."""
+    if x.shape[:-1] != mask.shape:
+        raise ValueError(f"activation {tuple(x.shape)} does not match the token mask {tuple(mask.shape)}")
+    return x[mask]
+
+
+class InputCovariances:
+    """Forward pre-hooks that sum C = sum x x^T (float64) and count tokens per named module.
+
+    Memory is n x n per module whatever the calibration size. Modules that read the same tensor (q/k/v,
+    gate/up) share one product per forward, and ``groups`` records them in call order: the true-sequential
+    order in which a layer's linears can be refit. Set ``mask`` before each forward.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.modules = dict(modules)
+        self.covariance = {
+            name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
+            for name, m in self.modules.items()
+        }
+        self.tokens = dict.fromkeys(self.modules, 0)
+        self.groups: list[list[str]] = []
+        self.mask: torch.Tensor | None = None
+        self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self._handles: list = []
+
+    def __enter__(self) -> InputCovariances:
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._last = (None, None)
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            x = inputs[0]
+            new_input = x is not self._last[0]
+            if new_input:
+                t = real_tokens(x, self.mask).double()
+                self._last = (x, t.T @ t)
+            if not any(name in group for group in self.groups):
+                if new_input:
+                    self.groups.append([name])
+                else:
+                    self.groups[-1].append(name)
+            self.covariance[name] += self._last[1]
+            self.tokens[name] += int(self.mask.sum())
+
+        return hook
+
+
+def capture_inputs(
+    layer: nn.Module, x: torch.Tensor, kwargs: dict, modules: Mapping[str, nn.Module], mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The non-pad inputs ``[tokens, n]`` that each of ``modules`` receives in ``layer(x, **kwargs)``.
+
+    The forward stops as soon as all have been seen, so the rest of the layer is not computed. Only one
+    batch is held: callers reduce it to sums before the next.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            seen[name] = real_tokens(inputs[0], mask)
+            if len(seen) == len(modules):
+                raise StopForward
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
+    try:
+        layer(x, **kwargs)
+    except StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(seen) != len(modules):
+        raise RuntimeError(f"the forward never called {sorted(set(modules) - set(seen))}")
+    return seen

@@ -1,0 +1,148 @@
+"""compress.py: compress a trained recommender, evaluate it beside its dense parent, save it.
+
+The algorithm lives in :mod:`odllm.compression`; this module only wires data, calibration prompts,
+evaluation and persistence around it, so compress.py and the post-fit callback share one path.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from odllm.compression import COMPRESSION_FILE, compress_model, plot_spectra, save_compression_config
+from odllm.data import Split, leave_one_out, load_dataset
+from odllm.evaluation import (
+    check_items,
+    fidelity,
+    latest_model_dir,
+    popularity_baseline,
+    public,
+    score_examples,
+    write_json,
+)
+from odllm.generation import left_pad
+from odllm.metrics import format_metrics
+from odllm.prompts import SeqRecEncoder, build_training_samples
+from odllm.recommender import Recommender
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).parents[1] / "conf"
+
+
+def check_ratio(ratio: float) -> float:
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio={ratio} is outside (0, 1]: it is the fraction of decoder-linear parameters kept")
+    return float(ratio)
+
+
+def calibration_batches(
+    encoder: SeqRecEncoder, split: Split, cfg: DictConfig, *, max_history: int, seed: int, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
+    """``cfg.size`` training prompts (the task's own windows) drawn with ``seed``, left-padded in batches."""
+    samples = build_training_samples(
+        encoder, split.train, mode="all_positions", max_history=max_history, stride=max_history, seed=seed
+    )
+    if cfg.size > len(samples):
+        raise ValueError(
+            f"calibration.size={cfg.size} but the training split has only {len(samples)} prompts; "
+            f"use calibration.size<={len(samples)}"
+        )
+    chosen = sorted(random.Random(seed).sample(samples, cfg.size), key=lambda s: len(s.input_ids))
+    batches = []
+    for i in range(0, len(chosen), cfg.batch_size):
+        ids, mask = left_pad([s.input_ids for s in chosen[i : i + cfg.batch_size]], pad_id)
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def method_config(cfg: DictConfig, name: str | None = None) -> DictConfig:
+    """The ``method`` group entry, or ``conf/method/<name>.yaml`` when train.py names one in ``compress=``."""
+    if name is None or name == cfg.method.name:
+        return cfg.method
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+        raise ValueError(f"unknown compression method {name!r}; choose one of {known}")
+    return OmegaConf.load(path)
+
+
+def compressed_model_dir(cfg: DictConfig, method: str, ratio: float) -> Path:
+    return Path(cfg.paths.models_dir) / f"{cfg.dataset.name}-{method}-r{ratio:g}"
+
+
+def compress_recommender(
+    dense: Recommender, split: Split, cfg: DictConfig, method: DictConfig, output_dir: Path
+) -> dict:
+    """Compress ``dense`` (left untouched), evaluate both on the test split, save the compressed model."""
+    ratio = check_ratio(cfg.ratio)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pad_id = dense.tokenizer.pad_token_id
+    batches = calibration_batches(
+        dense.encoder, split, cfg.calibration, max_history=cfg.task.max_history, seed=cfg.seed, pad_id=pad_id
+    )
+    started = time.perf_counter()
+    model = copy.deepcopy(dense.model)
+    report = compress_model(
+        model, batches, ratio=ratio, whiten=method.whiten, align=method.align, ridge=method.ridge,
+        progress=cfg.eval.progress,
+    )
+    seconds = time.perf_counter() - started
+    log.info("compressed with %s at ratio %g in %.1f s", method.name, ratio, seconds)
+
+    trie = dense.trie()
+    dense_result = score_examples(dense.model, dense.encoder, trie, split.test, cfg.eval, pad_id, desc="dense")
+    result = score_examples(model, dense.encoder, trie, split.test, cfg.eval, pad_id, desc=method.name)
+    close = fidelity(
+        dense.model, model, dense.encoder, split.test,
+        dense_result["_recommendations"].top_codes, result["_recommendations"].top_codes,
+        template=cfg.eval.template, batch_size=cfg.eval.batch_size, pad_id=pad_id,
+    )
+    compressed = Recommender(model, dense.tokenizer, dense.item_codes,
+                             {**dense.meta, "compression": {"method": method.name, "ratio": ratio}})
+    model_dir = compressed.save(compressed_model_dir(cfg, method.name, ratio),
+                                extra=lambda d: save_compression_config(model, d))
+    spectra = report.pop("spectra", None)
+    if spectra is not None:
+        plot_spectra({**report, "spectra": spectra}, output_dir / "spectra.png")
+    payload = {
+        "dataset": cfg.dataset.name,
+        "method": OmegaConf.to_container(method, resolve=True),
+        "ratio": ratio,
+        "model_dir": str(model_dir),
+        "dense_model_dir": dense.meta.get("model_dir"),
+        "compress_seconds": round(seconds, 1),
+        "calibration_sequences": cfg.calibration.size,
+        "sizes": report.get("totals"),
+        "dense": public(dense_result),
+        "test": public(result),
+        "fidelity": close,
+        "popularity": popularity_baseline(split, dense.encoder, split.test, cfg.eval.ks),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json(output_dir / "compression_report.json", report)
+    write_json(output_dir / "metrics.json", payload)
+    log.info("dense       %s", format_metrics(dense_result["metrics"]))
+    log.info("%-11s %s", method.name, format_metrics(result["metrics"]))
+    log.info("KL to dense %.4f, top-10 overlap %.3f", close["kl"], close["top10_overlap"])
+    return payload
+
+
+def compress(cfg: DictConfig, output_dir: str | Path) -> dict:
+    """compress.py: the latest trained model of the dataset (or ``model_dir``) -> compressed model + metrics."""
+    check_ratio(cfg.ratio)
+    L.seed_everything(cfg.seed)
+    model_dir = latest_model_dir(cfg)
+    if (model_dir / COMPRESSION_FILE).exists():
+        raise ValueError(f"{model_dir} holds a compressed model; pass model_dir=<the dense model train.py saved>")
+    dense = Recommender.load(model_dir)
+    dense.meta["model_dir"] = str(model_dir)
+    split = leave_one_out(load_dataset(cfg.dataset), cfg.task.max_history)
+    check_items(dense, split, model_dir, cfg.dataset.name)
+    return compress_recommender(dense, split, cfg, method_config(cfg), Path(output_dir))

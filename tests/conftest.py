@@ -1,0 +1,57 @@
+"""Shared fixtures: Hydra configs composed from conf/ as the entry points do, a tiny model, synthetic data."""
+
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+CONF = str(Path(__file__).parents[1] / "conf")
+
+TINY_MODEL = [
+    "model.tokenizer_vocab=300",
+    "model.config.hidden_size=32",
+    "model.config.intermediate_size=64",
+    "model.config.num_hidden_layers=2",
+    "model.config.num_attention_heads=4",
+    "model.config.num_key_value_heads=2",
+    "model.config.max_position_embeddings=256",
+]
+
+
+def compose_config(overrides: list[str], config_name: str = "config"):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def write_synthetic_interactions(path: Path, users: int = 48, items: int = 24, seed: int = 0) -> Path:
+    """Users walk a cycle of items (item i is followed by i+1), so the next item is learnable."""
+    rng = random.Random(seed)
+    lines = ["user,item,timestamp,title"]
+    for u in range(users):
+        start, length = rng.randrange(items), rng.randrange(5, 11)
+        for t in range(length):
+            item = (start + t) % items
+            lines.append(f"u{u},i{item},{t},Item number {item}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_run_overrides(tmp_path) -> list[str]:
+    data = write_synthetic_interactions(tmp_path / "toy.csv")
+    return [
+        "dataset=interactions",
+        f"dataset.path={data}",
+        "dataset.name=toy",
+        f"paths.models_dir={tmp_path / 'models'}",
+        "trainer.max_epochs=2",
+        "trainer.enable_progress_bar=false",
+        "train.batch_size=8",
+        "train.lr=5e-3",
+        "eval.num_beams=10",
+        "eval.batch_size=16",
+        "eval.progress=false",
+        "logger=none",
+        *TINY_MODEL,
+    ]

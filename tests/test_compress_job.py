@@ -1,0 +1,56 @@
+"""compress.py end to end on a tiny trained model: metrics, fidelity, persistence, clear errors."""
+
+import json
+
+import pytest
+from conftest import compose_config
+
+from odllm.compress_job import compress
+from odllm.evaluation import evaluate
+from odllm.training import train
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_run_overrides):
+    overrides = [*tiny_run_overrides, "trainer.max_epochs=1", "calibration.size=32", "calibration.batch_size=8"]
+    train(compose_config(overrides), tmp_path / "train")
+    return overrides
+
+
+def test_compress_evaluate_and_reload(tmp_path, trained):
+    result = compress(compose_config([*trained, "ratio=0.5", "method=odllm"]), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["test"]["metrics"] == result["test"]["metrics"] and saved["test"]["invalid_beams"] == 0
+    assert 0 <= saved["fidelity"]["kl"] and 0 <= saved["fidelity"]["top10_overlap"] <= 1
+    sizes = saved["sizes"]
+    assert sizes["decoder_linear"]["params_after"] < sizes["decoder_linear"]["params_before"]
+    assert sizes["model"]["params_after"] < sizes["model"]["params_before"]
+    assert (tmp_path / "run" / "compression_report.json").exists() and (tmp_path / "run" / "spectra.png").exists()
+
+    model_dir = tmp_path / "models" / "toy-odllm-r0.5"
+    again = evaluate(compose_config([*trained, f"model_dir={model_dir}"]), tmp_path / "eval")
+    assert again["test"]["metrics"] == result["test"]["metrics"]  # the reloaded model is the compressed one
+    with pytest.raises(ValueError, match="holds a compressed model"):
+        compress(compose_config([*trained, f"model_dir={model_dir}"]), tmp_path / "again")
+
+
+def test_ratio_one_keeps_the_dense_model(tmp_path, trained):
+    result = compress(compose_config([*trained, "ratio=1.0", "method=svd"]), tmp_path / "run")
+    assert result["fidelity"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert result["test"]["metrics"] == result["dense"]["metrics"]
+
+
+@pytest.mark.parametrize("ratio", [0, -0.2, 1.5])
+def test_ratio_outside_unit_interval(tmp_path, tiny_run_overrides, ratio):
+    with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
+        compress(compose_config([*tiny_run_overrides, f"ratio={ratio}"]), tmp_path / "run")
+
+
+def test_too_many_calibration_samples(tmp_path, trained):
+    with pytest.raises(ValueError, match="calibration.size=100000 but the training split has only"):
+        compress(compose_config([*trained, "calibration.size=100000"]), tmp_path / "run")
+
+
+def test_unknown_method_named_by_train_fails_before_training(tmp_path, tiny_run_overrides):
+    with pytest.raises(ValueError, match="unknown compression method 'zip'"):
+        train(compose_config([*tiny_run_overrides, "compress=zip"]), tmp_path / "run")
