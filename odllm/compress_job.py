@@ -78,9 +78,13 @@ def compressed_model_dir(cfg: DictConfig, method: str, ratio: float) -> Path:
 
 
 def compress_recommender(
-    dense: Recommender, split: Split, cfg: DictConfig, method: DictConfig, output_dir: Path
+    dense: Recommender, split: Split, cfg: DictConfig, method: DictConfig, output_dir: Path,
+    dense_result: dict | None = None,
 ) -> dict:
-    """Compress ``dense`` (left untouched), evaluate both on the test split, save the compressed model."""
+    """Compress ``dense`` (left untouched), evaluate both on the test split, save the compressed model.
+
+    ``dense_result`` (a :func:`score_examples` result of the dense model) saves its re-evaluation in sweeps.
+    """
     ratio = check_ratio(cfg.ratio)
     output_dir.mkdir(parents=True, exist_ok=True)
     pad_id = dense.tokenizer.pad_token_id
@@ -97,7 +101,8 @@ def compress_recommender(
     log.info("compressed with %s at ratio %g in %.1f s", method.name, ratio, seconds)
 
     trie = dense.trie()
-    dense_result = score_examples(dense.model, dense.encoder, trie, split.test, cfg.eval, pad_id, desc="dense")
+    if dense_result is None:
+        dense_result = score_examples(dense.model, dense.encoder, trie, split.test, cfg.eval, pad_id, desc="dense")
     result = score_examples(model, dense.encoder, trie, split.test, cfg.eval, pad_id, desc=method.name)
     close = fidelity(
         dense.model, model, dense.encoder, split.test,
@@ -138,6 +143,12 @@ def compress(cfg: DictConfig, output_dir: str | Path) -> dict:
     """compress.py: the latest trained model of the dataset (or ``model_dir``) -> compressed model + metrics."""
     check_ratio(cfg.ratio)
     L.seed_everything(cfg.seed)
+    dense, split = load_dense(cfg)
+    return compress_recommender(dense, split, cfg, method_config(cfg), Path(output_dir))
+
+
+def load_dense(cfg: DictConfig) -> tuple[Recommender, Split]:
+    """The dense model to compress (latest of the dataset, or ``model_dir``) and the dataset's split."""
     model_dir = latest_model_dir(cfg)
     if (model_dir / COMPRESSION_FILE).exists():
         raise ValueError(f"{model_dir} holds a compressed model; pass model_dir=<the dense model train.py saved>")
@@ -145,4 +156,4 @@ def compress(cfg: DictConfig, output_dir: str | Path) -> dict:
     dense.meta["model_dir"] = str(model_dir)
     split = leave_one_out(load_dataset(cfg.dataset), cfg.task.max_history)
     check_items(dense, split, model_dir, cfg.dataset.name)
-    return compress_recommender(dense, split, cfg, method_config(cfg), Path(output_dir))
+    return dense, split

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from odllm.calibration import InputCovariances, StopForward, capture_inputs, real_tokens
 from odllm.lowrank import LowRankLinear, cholesky_with_jitter, factorize, rank_for_ratio
@@ -62,7 +62,7 @@ def _layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[dict]) 
     hidden, kwargs = [], []
 
     def catch(module: nn.Module, args: tuple, kw: dict) -> None:
-        hidden.append(args[0])
+        hidden.append(args[0] if args else kw.pop("hidden_states"))
         kwargs.append(kw)
         raise StopForward
 
@@ -168,6 +168,31 @@ def _refit_group(
     return results
 
 
+def _align_layer(original, layer, factorised: dict, groups, entries: dict, X, Xc, kwargs, masks, ridge) -> dict:
+    """Refits the layer's factorised linears group by group on the compressed stream, undoes them all if the
+    layer's output error rose, and advances both streams. Returns the layer's errors and the decision."""
+    before = _compare_layers(original, layer, X, Xc, kwargs, masks)
+    saved = {name: module.B.weight.clone() for name, module in factorised.items()}
+    for group in groups:
+        members = {name: factorised[name] for name in group if name in factorised}
+        if members:
+            for name, result in _refit_group(original, layer, members, X, Xc, kwargs, masks, ridge).items():
+                entries[name]["alignment"] = result
+    # the original stream moves on here: the decision below does not touch it
+    with_refit = _compare_layers(original, layer, X, Xc, kwargs, masks, advance_original=True)
+    kept = with_refit <= before
+    if not kept:
+        for name, module in factorised.items():
+            module.B.weight.copy_(saved[name])
+            entries[name]["alignment"]["refit_kept"] = False
+    return {
+        "error_before_alignment": before,
+        "error_with_refit": with_refit,
+        "alignment_kept": kept,
+        "output_error": _compare_layers(None, layer, X, Xc, kwargs, masks, advance_compressed=True),
+    }
+
+
 def _parameter_size(parameters) -> dict:
     unique = {id(p): p for p in parameters}.values()  # tied embeddings count once
     return {
@@ -250,25 +275,7 @@ def compress_model(
 
         report = {"layer": i, "input_stream": "compressed" if align else "original"}
         if align and factorised:
-            before = _compare_layers(original, layer, X, Xc, kwargs, masks)
-            saved = {name: module.B.weight.clone() for name, module in factorised.items()}
-            for group in stats.groups:
-                members = {name: factorised[name] for name in group if name in factorised}
-                if members:
-                    results = _refit_group(original, layer, members, X, Xc, kwargs, masks, ridge)
-                    for name, result in results.items():
-                        entries[name]["alignment"] = result
-            # the original stream moves on here: the refit decision below does not touch it
-            with_refit = _compare_layers(original, layer, X, Xc, kwargs, masks, advance_original=True)
-            kept = with_refit <= before
-            if not kept:
-                for name, module in factorised.items():
-                    module.B.weight.copy_(saved[name])
-                    entries[name]["alignment"]["refit_kept"] = False
-            report.update(error_before_alignment=before, error_with_refit=with_refit, alignment_kept=kept)
-            report["output_error"] = _compare_layers(
-                None, layer, X, Xc, kwargs, masks, advance_compressed=True
-            )
+            report.update(_align_layer(original, layer, factorised, stats.groups, entries, X, Xc, kwargs, masks, ridge))
         else:
             if not align:
                 Xc = list(X)  # measure this layer on the original stream
@@ -381,4 +388,6 @@ def load_compressed(directory: str | Path) -> nn.Module:
         raise ValueError(
             f"{directory} does not match {COMPRESSION_FILE}: missing {missing}, unexpected {unexpected}"
         )
+    if (directory / "generation_config.json").exists():  # as from_pretrained would
+        model.generation_config = GenerationConfig.from_pretrained(directory)
     return model.eval()

@@ -54,3 +54,17 @@ def test_too_many_calibration_samples(tmp_path, trained):
 def test_unknown_method_named_by_train_fails_before_training(tmp_path, tiny_run_overrides):
     with pytest.raises(ValueError, match="unknown compression method 'zip'"):
         train(compose_config([*tiny_run_overrides, "compress=zip"]), tmp_path / "run")
+
+
+def test_benchmark_table_matches_runs(tmp_path, trained):
+    from odllm.benchmark import run_benchmark
+
+    cfg = compose_config([*trained, "bench.methods=[odllm,svd]", "bench.ratios=[0.4]", f"bench.out={tmp_path}/b"],
+                         config_name="benchmark")
+    payload = run_benchmark(cfg, tmp_path / "runs")
+    table = (tmp_path / "b.md").read_text().splitlines()
+    assert len([line for line in table if line.startswith("| ")]) == 1 + 1 + 2  # header, dense, two methods
+    odllm_run = json.loads((tmp_path / "runs" / "odllm-r0.4" / "metrics.json").read_text())
+    assert payload["runs"][0]["test"]["metrics"] == odllm_run["test"]["metrics"]
+    assert payload["dense"]["metrics"] == odllm_run["dense"]["metrics"]
+    assert f"{odllm_run['test']['metrics']['ndcg@10']['value']:.4f}" in table[4]

@@ -243,6 +243,29 @@ def test_save_and_load_give_identical_logits(tmp_path, data, tie, kv_heads):
         assert torch.equal(logits(loaded, batch), logits(model, batch))
 
 
+def test_qwen2_with_attention_biases_compresses_and_reloads(tmp_path, data):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(4)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=PAD,
+    )
+    dense = Qwen2ForCausalLM(config).eval()
+    model = Qwen2ForCausalLM(config).eval()
+    model.load_state_dict(dense.state_dict())
+    compress_model(model, data, ratio=0.5, whiten=True, align=True, progress=False)
+    k_proj = model.model.layers[0].self_attn.k_proj
+    assert isinstance(k_proj, LowRankLinear) and k_proj.out_features == 16
+    assert torch.equal(k_proj.B.bias, dense.model.layers[0].self_attn.k_proj.bias)
+    assert kl_to(dense, model, data) < 0.01
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    save_compression_config(model, tmp_path)
+    loaded = load_compressed(tmp_path)
+    assert type(loaded) is Qwen2ForCausalLM
+    assert all(torch.equal(logits(loaded, batch), logits(model, batch)) for batch in data)
+
+
 def test_load_handles_shards_and_dense_directories_and_refuses_mismatches(tmp_path, dense, data):
     model, _ = compressed(dense, data, ratio=0.5, whiten=False, align=False)
     sharded = tmp_path / "sharded"
