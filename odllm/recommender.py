@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from odllm.compression import load_compressed
-from odllm.generation import ItemTrie
+from odllm.generation import ItemTrie, recommend
 from odllm.items import ItemCodes
 from odllm.prompts import SeqRecEncoder
 
@@ -61,6 +61,14 @@ class Recommender:
 
     def trie(self) -> ItemTrie:
         return self.trie_for(self.encoder, self.model.get_output_embeddings().weight.shape[0])
+
+    def recommend(self, history: Sequence[str], k: int = 10, num_beams: int = 20) -> list[str]:
+        """Top-``k`` items for one user's history (items sharing a recommended code are all listed)."""
+        recs = recommend(self.model, [self.encoder.prompt(history)], [self.encoder.item(history[-1])], self.trie(),
+                         num_beams=num_beams, batch_size=1, pad_id=self.tokenizer.pad_token_id, progress=False)
+        by_ids = {tuple(ids): item for item, ids in self.encoder.item_ids.items()}
+        codes = [self.item_codes.codes[by_ids[c]] for c in recs.top_codes[0][:k]]
+        return [item for code in codes for item in self.item_codes.items_for(code)]
 
     def save(self, directory: str | Path, extra: Callable[[Path], None] | None = None) -> Path:
         def write(tmp: Path) -> None:

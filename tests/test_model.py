@@ -77,3 +77,11 @@ def test_save_load_gives_identical_logits(tmp_path):
     torch.testing.assert_close(model(ids).logits, back.model(ids).logits, rtol=0, atol=0)
     assert back.item_codes.codes == codes.codes and back.meta == {"dataset": "x"}
     assert rec.encoder.prompt(["3"]) == back.encoder.prompt(["3"])
+
+
+def test_recommend_returns_real_items_from_a_saved_model(tmp_path):
+    codes = atomic_codes([str(i) for i in range(12)])
+    model, tok = build_model(model_cfg(), codes, CORPUS)
+    Recommender(model, tok, codes, {}).save(tmp_path / "m")
+    items = Recommender.load(tmp_path / "m").recommend(["1", "2"], k=5, num_beams=10)
+    assert len(items) == 5 and set(items) <= set(codes.codes)
