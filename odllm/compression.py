@@ -24,6 +24,7 @@ import copy
 import json
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,21 +82,35 @@ def _layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[dict]) 
     return hidden, kwargs
 
 
+@dataclass
+class _Streams:
+    """Per calibration batch: the original stream X, the compressed stream X' (hidden states entering the
+    current layer), the other arguments the decoder layers get, and the non-pad token mask."""
+
+    X: list[torch.Tensor]
+    Xc: list[torch.Tensor]
+    kwargs: list[dict]
+    masks: list[torch.Tensor]
+
+    def __iter__(self):
+        return zip(self.X, self.Xc, self.kwargs, self.masks, strict=True)
+
+
 def _compare_layers(
-    original, layer, X, Xc, kwargs, masks, *, advance_original: bool = False, advance_compressed: bool = False
+    original, layer, streams: _Streams, *, advance_original: bool = False, advance_compressed: bool = False
 ) -> float:
     """||layer(X') - original(X)||^2 / ||original(X)||^2 over non-pad tokens. ``original=None`` means X
     already holds the original outputs; ``advance_*`` replaces that stream by the outputs (next inputs)."""
     error = reference = 0.0
-    for b, (x, xc, kw, mask) in enumerate(zip(X, Xc, kwargs, masks, strict=True)):
+    for b, (x, xc, kw, mask) in enumerate(streams):
         y = x if original is None else _forward(original, x, kw)
         yc = _forward(layer, xc, kw)
         error += real_tokens(yc - y, mask).double().square().sum().item()
         reference += real_tokens(y, mask).double().square().sum().item()
         if advance_original:
-            X[b] = y
+            streams.X[b] = y
         if advance_compressed:
-            Xc[b] = yc
+            streams.Xc[b] = yc
     return error / reference
 
 
@@ -128,9 +143,7 @@ def _factorise_linear(name: str, linear: nn.Linear, C: torch.Tensor, ratio: floa
     return module, entry, sigma.tolist()
 
 
-def _refit_group(
-    original, layer, group: dict[str, LowRankLinear], X, Xc, kwargs, masks, ridge: float
-) -> dict:
+def _refit_group(original, layer, group: dict[str, LowRankLinear], streams: _Streams, ridge: float) -> dict:
     """Ridge least squares for B of each linear in ``group`` (they share one input): B A x' ~ W x.
 
     The accumulators give each linear's error exactly, E(B) = tr(B G B^T) - 2 tr(B H^T) + sum ||W x||^2,
@@ -140,7 +153,7 @@ def _refit_group(
     G = {name: torch.zeros(mod.rank, mod.rank, dtype=torch.float64) for name, mod in group.items()}
     H = {name: torch.zeros(mod.out_features, mod.rank, dtype=torch.float64) for name, mod in group.items()}
     energy = dict.fromkeys(group, 0.0)
-    for x, xc, kw, mask in zip(X, Xc, kwargs, masks, strict=True):
+    for x, xc, kw, mask in streams:
         inputs = capture_inputs(original, x, kw, dense, mask)
         inputs_c = capture_inputs(layer, xc, kw, group, mask)
         for name, module in group.items():
@@ -168,18 +181,18 @@ def _refit_group(
     return results
 
 
-def _align_layer(original, layer, factorised: dict, groups, entries: dict, X, Xc, kwargs, masks, ridge) -> dict:
+def _align_layer(original, layer, factorised: dict, groups, entries: dict, streams: _Streams, ridge) -> dict:
     """Refits the layer's factorised linears group by group on the compressed stream, undoes them all if the
     layer's output error rose, and advances both streams. Returns the layer's errors and the decision."""
-    before = _compare_layers(original, layer, X, Xc, kwargs, masks)
+    before = _compare_layers(original, layer, streams)
     saved = {name: module.B.weight.clone() for name, module in factorised.items()}
     for group in groups:
         members = {name: factorised[name] for name in group if name in factorised}
         if members:
-            for name, result in _refit_group(original, layer, members, X, Xc, kwargs, masks, ridge).items():
+            for name, result in _refit_group(original, layer, members, streams, ridge).items():
                 entries[name]["alignment"] = result
     # the original stream moves on here: the decision below does not touch it
-    with_refit = _compare_layers(original, layer, X, Xc, kwargs, masks, advance_original=True)
+    with_refit = _compare_layers(original, layer, streams, advance_original=True)
     kept = with_refit <= before
     if not kept:
         for name, module in factorised.items():
@@ -189,7 +202,7 @@ def _align_layer(original, layer, factorised: dict, groups, entries: dict, X, Xc
         "error_before_alignment": before,
         "error_with_refit": with_refit,
         "alignment_kept": kept,
-        "output_error": _compare_layers(None, layer, X, Xc, kwargs, masks, advance_compressed=True),
+        "output_error": _compare_layers(None, layer, streams, advance_compressed=True),
     }
 
 
@@ -240,6 +253,8 @@ def compress_model(
     on it; with ``align`` it is measured on the compressed stream, before and after the refit.
     """
     layers = decoder_layers(model)
+    if any(isinstance(m, LowRankLinear) for m in layers.modules()):
+        raise ValueError("the model is already compressed: pass the dense model")
     for layer in layers:  # validate ratio and every shape before any work
         for linear in layer.modules():
             if isinstance(linear, nn.Linear):
@@ -250,14 +265,14 @@ def compress_model(
     sizes_before = _sizes(model, layers)
     masks = [batch["attention_mask"].bool() for batch in batches]
     X, kwargs = _layer_inputs(model, layers, batches)
-    Xc = list(X)
+    streams = _Streams(X, list(X), kwargs, masks)
     matrices, layer_reports, spectra = [], [], {}
 
     for i, layer in enumerate(tqdm(layers, desc="compress layers", disable=not progress)):
         original = copy.deepcopy(layer)
         linears = {name: m for name, m in original.named_modules() if isinstance(m, nn.Linear)}
         with InputCovariances(linears) as stats:
-            for x, kw, mask in zip(X, kwargs, masks, strict=True):
+            for x, _, kw, mask in streams:
                 stats.mask = mask
                 _forward(original, x, kw)
 
@@ -275,12 +290,12 @@ def compress_model(
 
         report = {"layer": i, "input_stream": "compressed" if align else "original"}
         if align and factorised:
-            report.update(_align_layer(original, layer, factorised, stats.groups, entries, X, Xc, kwargs, masks, ridge))
+            report.update(_align_layer(original, layer, factorised, stats.groups, entries, streams, ridge))
         else:
             if not align:
-                Xc = list(X)  # measure this layer on the original stream
+                streams.Xc = list(streams.X)  # measure this layer on the original stream
             report["output_error"] = _compare_layers(
-                original, layer, X, Xc, kwargs, masks, advance_original=True, advance_compressed=align
+                original, layer, streams, advance_original=True, advance_compressed=align
             )
         layer_reports.append(report)
         log.debug("layer %d: %s", i, report)
