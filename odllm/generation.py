@@ -3,7 +3,8 @@
 A prefix trie over the item codes gives, for each partial code, the tokens that may follow; all other
 tokens get -inf before the beams are ranked. Scores are log-probabilities under the model's full
 vocabulary (as in Hugging Face's ``prefix_allowed_tokens_fn``), so the ranking of complete codes is the
-model's own. The prompt is encoded once per user and its key/value cache is shared by all of that user's beams.
+model's own. The prompt is encoded once per user and its key/value cache is shared by all of that user's beams;
+only the beams' own code tokens are cached per beam and regrouped as beams are chosen.
 """
 
 from __future__ import annotations
@@ -52,16 +53,38 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
     return ids, mask
 
 
-def beam_mask(prompt_mask: torch.Tensor, num_beams: int, steps: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4D mask ``[B, 1, W*t, P + W*t]``: each beam's tokens see the prompt and their own past only."""
-    own = torch.ones(steps, steps, dtype=torch.bool).tril()
-    beams = torch.block_diag(*[own] * num_beams)  # [W*t, W*t]
+def beam_mask(prompt_mask: torch.Tensor, num_beams: int, past: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask ``[B, 1, W, P + W*past + W]`` for one new token per beam.
+
+    The key layout is: the prompt, then ``past`` earlier tokens of each beam (beam-major), then the W new
+    tokens; a beam's new token sees the prompt, its own earlier tokens and itself.
+    """
     batch = prompt_mask.shape[0]
+    eye = torch.eye(num_beams, dtype=torch.bool)
+    own = torch.cat([eye.repeat_interleave(past, dim=1), eye], dim=1)  # [W, W*past + W]
     allowed = torch.cat(
-        [prompt_mask.bool()[:, None, :].expand(batch, num_beams * steps, -1), beams.expand(batch, -1, -1)], dim=-1
+        [prompt_mask.bool()[:, None, :].expand(batch, num_beams, -1), own.expand(batch, -1, -1)], dim=-1
     )
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
+
+
+def reorder_beam_cache(cache, prompt_len: int, parent: torch.Tensor, past: int) -> None:
+    """Regroup the beam part of the cache as ``[W, past + 1]`` per beam and keep the chosen parents' rows.
+
+    Only the few code tokens are copied; the prompt part is shared by all beams of a user and stays as is.
+    """
+    batch, width = parent.shape
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            states = getattr(layer, name)
+            heads, dim = states.shape[1], states.shape[-1]
+            old = states[:, :, prompt_len : prompt_len + width * past].reshape(batch, heads, width, past, dim)
+            new = states[:, :, prompt_len + width * past :].reshape(batch, heads, width, 1, dim)
+            beams = torch.cat([old, new], dim=3)
+            index = parent[:, None, :, None, None].expand(-1, heads, -1, past + 1, dim)
+            beams = beams.gather(2, index).reshape(batch, heads, width * (past + 1), dim)
+            setattr(layer, name, torch.cat([states[:, :, :prompt_len], beams], dim=2))
 
 
 @torch.no_grad()
@@ -71,38 +94,37 @@ def beam_search(
     """Returns codes ``[B, num_beams, depth]`` and scores ``[B, num_beams]``, best first.
 
     When fewer than ``num_beams`` codes exist, the surplus beams have score -inf and are not items.
-    The prompt's key/value cache is computed once per user and shared by its beams: each later step feeds
-    every beam's partial code (at most ``depth - 1`` tokens) under a block mask and then crops the cache
-    back to the prompt, so no cache is ever repeated per beam or reordered.
+    The prompt's key/value cache is computed once per user and shared by all its beams (a block mask keeps
+    beams apart), so each code level costs one token per beam and no prompt state is ever copied per beam.
     """
     ids, attn = left_pad(prompts, pad_id)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1)
     logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-    batch = ids.shape[0]
+    batch, prompt_len = ids.shape
     root = trie.mask(torch.empty((1, 0), dtype=torch.long))
     scores, codes = (logp + root).topk(min(num_beams, trie.vocab_size), dim=-1)
     codes = codes.unsqueeze(-1)  # [B, W, 1]
     width = codes.shape[1]
     cache = out.cache
-    next_pos = positions[:, -1:] + 1
-    for steps in range(1, trie.depth):
+    for past in range(trie.depth - 1):
         out = model(
-            input_ids=codes.reshape(batch, width * steps),
-            attention_mask=beam_mask(attn, width, steps, model.dtype),
-            position_ids=(next_pos + torch.arange(steps).repeat(width)).reshape(batch, -1),
+            input_ids=codes[:, :, -1],
+            attention_mask=beam_mask(attn, width, past, model.dtype),
+            position_ids=(positions[:, -1:] + 1 + past).expand(-1, width),
             cache=cache,
             use_cache=True,
         )
-        cache.crop(-width * steps)
-        last = out.logits.view(batch, width, steps, -1)[:, :, -1].float()
-        logp = torch.log_softmax(last, dim=-1)  # [B, W, V]
-        mask = trie.mask(codes.reshape(batch * width, steps)).view(batch, width, -1)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, W, V]
+        mask = trie.mask(codes.reshape(batch * width, -1)).view(batch, width, -1)
         total = (scores[..., None] + logp + mask).view(batch, -1)
         scores, flat = total.topk(width, dim=-1)
         parent = torch.div(flat, trie.vocab_size, rounding_mode="floor")
-        token = (flat % trie.vocab_size)[..., None]
-        codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, steps)), token], dim=-1)
+        codes = torch.cat(
+            [codes.gather(1, parent[..., None].expand(-1, -1, past + 1)), (flat % trie.vocab_size)[..., None]], dim=-1
+        )
+        if past + 2 < trie.depth:
+            reorder_beam_cache(cache, prompt_len, parent, past)
     return codes, scores
 
 
