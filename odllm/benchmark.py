@@ -19,24 +19,23 @@ from odllm.evaluation import public, score_examples, write_json
 
 log = logging.getLogger(__name__)
 METRICS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
+RUN_KEYS = ("method", "ratio", "sizes", "test", "fidelity", "compress_seconds")
 
 
 def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
     dense, split = load_dense(cfg)
     pad_id = dense.tokenizer.pad_token_id
     dense_result = score_examples(dense.model, dense.encoder, dense.trie(), split.test, cfg.eval, pad_id, "dense")
-    rows = []
+    payload = {"dataset": cfg.dataset.name, "test_users": len(split.test), "dense": public(dense_result), "runs": []}
+    out = Path(cfg.bench.out)
     for ratio in cfg.bench.ratios:
         for name in cfg.bench.methods:
             run_cfg = OmegaConf.merge(cfg, {"ratio": ratio})
-            out = Path(output_dir) / f"{name}-r{ratio:g}"
-            rows.append(compress_recommender(dense, split, run_cfg, method_config(cfg, name), out, dense_result))
-    payload = {"dataset": cfg.dataset.name, "test_users": len(split.test), "dense": public(dense_result),
-               "runs": [{k: r[k] for k in ("method", "ratio", "sizes", "test", "fidelity", "compress_seconds")}
-                        for r in rows]}
-    out = Path(cfg.bench.out)
-    write_json(out.with_suffix(".json"), payload)
-    out.with_suffix(".md").write_text(markdown_table(payload))
+            run_dir = Path(output_dir) / f"{name}-r{ratio:g}"
+            run = compress_recommender(dense, split, run_cfg, method_config(cfg, name), run_dir, dense_result)
+            payload["runs"].append({k: run[k] for k in RUN_KEYS})
+            write_json(out.with_suffix(".json"), payload)  # after every run: a stopped sweep keeps what it did
+            out.with_suffix(".md").write_text(markdown_table(payload))
     log.info("benchmark written to %s.{json,md}", out)
     return payload
 
