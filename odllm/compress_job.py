@@ -54,11 +54,17 @@ def calibration_batches(
             f"calibration.size={cfg.size} but the training split has only {len(samples)} prompts; "
             f"use calibration.size<={len(samples)}"
         )
+    if cfg.tokens not in ("all", "items"):
+        raise ValueError(f"calibration.tokens={cfg.tokens!r}; choose 'all' or 'items'")
     chosen = sorted(random.Random(seed).sample(samples, cfg.size), key=lambda s: len(s.input_ids))
+    item_tokens = torch.tensor(sorted(encoder.token_id.values()))
     batches = []
     for i in range(0, len(chosen), cfg.batch_size):
         ids, mask = left_pad([s.input_ids for s in chosen[i : i + cfg.batch_size]], pad_id)
-        batches.append({"input_ids": ids, "attention_mask": mask})
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if cfg.tokens == "items":  # statistics from history item tokens only, not the instruction text
+            batch["statistics_mask"] = mask.bool() & torch.isin(ids, item_tokens)
+        batches.append(batch)
     return batches
 
 

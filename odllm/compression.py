@@ -263,7 +263,8 @@ def compress_model(
     model.eval()
     names = {module: name for name, module in model.named_modules()}
     sizes_before = _sizes(model, layers)
-    masks = [batch["attention_mask"].bool() for batch in batches]
+    # statistics and errors use only the tokens named by ``statistics_mask`` (default: every non-pad token)
+    masks = [batch.get("statistics_mask", batch["attention_mask"]).bool() for batch in batches]
     X, kwargs = _layer_inputs(model, layers, batches)
     streams = _Streams(X, list(X), kwargs, masks)
     matrices, layer_reports, spectra = [], [], {}
