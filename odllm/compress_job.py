@@ -28,18 +28,13 @@ from odllm.evaluation import (
     write_json,
 )
 from odllm.generation import left_pad
+from odllm.lowrank import check_ratio
 from odllm.metrics import format_metrics
 from odllm.prompts import SeqRecEncoder, build_training_samples
 from odllm.recommender import Recommender
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).parents[1] / "conf"
-
-
-def check_ratio(ratio: float) -> float:
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio={ratio} is outside (0, 1]: it is the fraction of decoder-linear parameters kept")
-    return float(ratio)
 
 
 def calibration_batches(
@@ -119,9 +114,8 @@ def compress_recommender(
                              {**dense.meta, "compression": {"method": method.name, "ratio": ratio}})
     model_dir = compressed.save(compressed_model_dir(cfg, method.name, ratio),
                                 extra=lambda d: save_compression_config(model, d))
-    spectra = report.pop("spectra", None)
-    if spectra is not None:
-        plot_spectra({**report, "spectra": spectra}, output_dir / "spectra.png")
+    plot_spectra(report, output_dir / "spectra.png")
+    report.pop("spectra")  # plotted; too bulky for the JSON report
     payload = {
         "dataset": cfg.dataset.name,
         "method": OmegaConf.to_container(method, resolve=True),
@@ -130,7 +124,7 @@ def compress_recommender(
         "dense_model_dir": dense.meta.get("model_dir"),
         "compress_seconds": round(seconds, 1),
         "calibration_sequences": cfg.calibration.size,
-        "sizes": report.get("totals"),
+        "sizes": report["totals"],
         "dense": public(dense_result),
         "test": public(result),
         "fidelity": close,

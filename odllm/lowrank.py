@@ -66,16 +66,23 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+def check_ratio(ratio: float) -> float:
+    """``ratio`` is the fraction of decoder-linear parameters kept, so it must lie in (0, 1]."""
+    if not 0 < ratio <= 1:
+        raise ValueError(
+            f"ratio={ratio} is outside (0, 1]: ratio is the fraction of decoder-linear parameters kept, "
+            "so its allowed range (0, 1] excludes 0 and values above 1"
+        )
+    return float(ratio)
+
+
 def rank_for_ratio(m: int, n: int, ratio: float) -> int | None:
     """Rank k whose k(m+n) parameters fit ``ratio`` of the dense mn, or None to keep the matrix dense.
 
     Dense when factorising saves nothing (k(m+n) >= mn) and when ratio == 1: the dense matrix then fits the
     budget and is exact, so ratio=1 leaves every matrix untouched.
     """
-    if not 0 < ratio <= 1:
-        raise ValueError(
-            f"ratio={ratio} is outside the allowed range (0, 1]: it is the fraction of parameters kept"
-        )
+    check_ratio(ratio)
     if ratio == 1:
         return None
     k = math.floor(ratio * m * n / (m + n))

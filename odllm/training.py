@@ -17,11 +17,12 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from odllm.compress_job import check_ratio, compress_recommender, method_config
+from odllm.compress_job import compress_recommender, method_config
 from odllm.data import leave_one_out, load_dataset
 from odllm.datamodule import SeqRecDataModule
 from odllm.evaluation import latest_model_dir, popularity_baseline, public, score_examples, write_json
 from odllm.items import build_item_codes
+from odllm.lowrank import check_ratio
 from odllm.metrics import format_metrics
 from odllm.model import build_model, merge, parameter_summary
 from odllm.module import SeqRecModule
