@@ -59,7 +59,8 @@ def test_unknown_method_named_by_train_fails_before_training(tmp_path, tiny_run_
 def test_benchmark_table_matches_runs(tmp_path, trained):
     from odllm.benchmark import run_benchmark
 
-    cfg = compose_config([*trained, "bench.methods=[odllm,svd]", "bench.ratios=[0.4]", f"bench.out={tmp_path}/b"],
+    cfg = compose_config([*trained, "bench.methods=[odllm,svd]", "bench.ratios=[0.4]", f"bench.out={tmp_path}/b",
+                          "bench.test_users=30"],
                          config_name="benchmark")
     payload = run_benchmark(cfg, tmp_path / "runs")
     table = (tmp_path / "b.md").read_text().splitlines()
@@ -67,4 +68,6 @@ def test_benchmark_table_matches_runs(tmp_path, trained):
     odllm_run = json.loads((tmp_path / "runs" / "odllm-r0.4" / "metrics.json").read_text())
     assert payload["runs"][0]["test"]["metrics"] == odllm_run["test"]["metrics"]
     assert payload["dense"]["metrics"] == odllm_run["dense"]["metrics"]
+    assert payload["test_users"] == odllm_run["test"]["users"] == odllm_run["dense"]["users"] == 30
+    assert "random subset" in table[0]
     assert f"{odllm_run['test']['metrics']['ndcg@10']['value']:.4f}" in table[4]
