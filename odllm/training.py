@@ -24,7 +24,7 @@ from odllm.evaluation import latest_model_dir, popularity_baseline, public, scor
 from odllm.items import build_item_codes
 from odllm.lowrank import check_ratio
 from odllm.metrics import format_metrics
-from odllm.model import build_model, merge, parameter_summary
+from odllm.model import add_dropout, build_model, merge, parameter_summary
 from odllm.module import SeqRecModule
 from odllm.prompts import SEQREC_TEMPLATES, SeqRecEncoder
 from odllm.recommender import Recommender
@@ -54,6 +54,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict:
     model, tokenizer = build_model(cfg.model, item_codes, corpus)
     encoder = SeqRecEncoder(tokenizer, item_codes)
     log.info("model: %s", parameter_summary(model))
+    dropout_hooks = add_dropout(model, cfg.model.dropout)
 
     valid = split.valid
     if cfg.train.val_users and cfg.train.val_users < len(valid):
@@ -104,6 +105,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict:
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     fit_seconds = time.perf_counter() - started
+    for hook in dropout_hooks:
+        hook.remove()
 
     best = checkpoint.best_model_path or checkpoint.last_model_path
     module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])

@@ -1,11 +1,12 @@
 """Backbones: scratch LLaMA, a local HF checkpoint, LoRA with trainable item-token rows, save/load."""
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from odllm.items import atomic_codes
-from odllm.model import build_model, merge
+from odllm.model import add_dropout, build_model, merge
 from odllm.recommender import Recommender
 from odllm.tokenizer import train_tokenizer
 
@@ -85,3 +86,22 @@ def test_recommend_returns_real_items_from_a_saved_model(tmp_path):
     Recommender(model, tok, codes, {}).save(tmp_path / "m")
     items = Recommender.load(tmp_path / "m").recommend(["1", "2"], k=5, num_beams=10)
     assert len(items) == 5 and set(items) <= set(codes.codes)
+
+
+def test_dropout_acts_in_training_only_and_hooks_come_off():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.randint(0, 50, (2, 7))
+    model.eval()
+    plain = model(ids).logits
+    hooks = add_dropout(model, 0.3)
+    assert len(hooks) == 1 + 2 * 2  # embeddings, o_proj and down_proj of each layer
+    assert torch.equal(model(ids).logits, plain)  # eval mode: no dropout
+    model.train()
+    assert not torch.allclose(model(ids).logits, plain)
+    for hook in hooks:
+        hook.remove()
+    assert torch.equal(model(ids).logits, plain)  # hooks removed (LLaMA itself has no dropout here)
+    with pytest.raises(ValueError, match="must lie in"):
+        add_dropout(model, 1.0)
