@@ -1,4 +1,8 @@
-"""Compress a trained recommender: python compress.py ratio=0.5 [method=odllm|svd|svd_whiten|svd_align]."""
+"""Compress a trained recommender: python compress.py [ratio=0.5] [method=odllm]
+
+Methods (conf/method/): odllm, svd, svd_whiten, svd_align, asvd (low rank, sized by ``ratio``); gptq, gptq8,
+sparsegpt, sparsegpt24, bnb_int8, bnb_nf4 (sized by their own settings).
+"""
 
 import hydra
 from hydra.core.hydra_config import HydraConfig

@@ -68,7 +68,8 @@ def markdown_table(payload: dict) -> str:
     lines.append("| " + " | ".join([*dense_cells, "0", "1"]) + " |")
     for run in payload["runs"]:
         sizes = run["sizes"]
-        cells = [run["method"]["name"], f"{run['ratio']:g}", f"{sizes['decoder_linear']['params_kept']:.1%}",
+        ratio = "-" if run["ratio"] is None else f"{run['ratio']:g}"  # baselines other than low rank have none
+        cells = [run["method"]["name"], ratio, f"{sizes['decoder_linear']['params_kept']:.1%}",
                  f"{sizes['model']['params_after']:,}", *(_cell(run["test"]["metrics"], m) for m in METRICS),
                  f"{run['fidelity']['kl']:.4f}", f"{run['fidelity']['top10_overlap']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -7,6 +7,7 @@ token mask ``[batch, time]`` (the batch's attention mask) and keeps only the rea
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,12 +24,22 @@ def real_tokens(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[mask]
 
 
-class InputCovariances:
-    """Forward pre-hooks that sum C = sum x x^T (float64) and count tokens per named module.
+@dataclass
+class LinearStatistics:
+    """What one linear saw on the calibration data: C = sum x x^T (float64), mean |x| per channel, token count."""
 
-    Memory is n x n per module whatever the calibration size. Modules that read the same tensor (q/k/v,
-    gate/up) share one product per forward, and ``groups`` records them in call order: the true-sequential
-    order in which a layer's linears can be refit. Set ``mask`` before each forward.
+    covariance: torch.Tensor
+    abs_mean: torch.Tensor
+    tokens: int
+
+
+class InputCovariances:
+    """Forward pre-hooks that sum C = sum x x^T and sum |x| (float64) and count tokens per named module.
+
+    Memory is n x n per module whatever the calibration size (``abs_sum``, n per module, feeds ASVD). Modules
+    that read the same tensor (q/k/v, gate/up) share one product per forward, and ``groups`` records them in
+    call order: the true-sequential order in which a layer's linears can be refit. Set ``mask`` before each
+    forward.
     """
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
@@ -37,10 +48,13 @@ class InputCovariances:
             name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64)
             for name, m in self.modules.items()
         }
+        self.abs_sum = {
+            name: torch.zeros(m.in_features, dtype=torch.float64) for name, m in self.modules.items()
+        }
         self.tokens = dict.fromkeys(self.modules, 0)
         self.groups: list[list[str]] = []
         self.mask: torch.Tensor | None = None
-        self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self._last: tuple = (None, None, None)
         self._handles: list = []
 
     def __enter__(self) -> InputCovariances:
@@ -50,7 +64,14 @@ class InputCovariances:
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
-        self._last = (None, None)
+        self._last = (None, None, None)
+
+    def abs_mean(self, name: str) -> torch.Tensor:
+        """Mean |x| per input channel of ``name`` over the real tokens (zeros when it saw none)."""
+        return self.abs_sum[name] / max(self.tokens[name], 1)
+
+    def statistics(self, name: str) -> LinearStatistics:
+        return LinearStatistics(self.covariance[name], self.abs_mean(name), self.tokens[name])
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple) -> None:
@@ -58,13 +79,14 @@ class InputCovariances:
             new_input = x is not self._last[0]
             if new_input:
                 t = real_tokens(x, self.mask).double()
-                self._last = (x, t.T @ t)
+                self._last = (x, t.T @ t, t.abs().sum(0))
             if not any(name in group for group in self.groups):
                 if new_input:
                     self.groups.append([name])
                 else:
                     self.groups[-1].append(name)
             self.covariance[name] += self._last[1]
+            self.abs_sum[name] += self._last[2]
             self.tokens[name] += int(self.mask.sum())
 
         return hook

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from odllm.compression import COMPRESSION_FILE, compress_model, plot_spectra, save_compression_config
+from odllm.compression import COMPRESSION_FILE, LowRank, compress_layers, plot_spectra, save_compression_config
 from odllm.data import Split, leave_one_out, load_dataset
 from odllm.evaluation import (
     check_items,
@@ -28,7 +28,7 @@ from odllm.evaluation import (
     write_json,
 )
 from odllm.generation import left_pad
-from odllm.lowrank import check_ratio
+from odllm.methods import algorithm_name, build_algorithm, model_tag, uses_ratio
 from odllm.metrics import format_metrics
 from odllm.prompts import SeqRecEncoder, build_training_samples
 from odllm.recommender import Recommender
@@ -64,18 +64,31 @@ def calibration_batches(
 
 
 def method_config(cfg: DictConfig, name: str | None = None) -> DictConfig:
-    """The ``method`` group entry, or ``conf/method/<name>.yaml`` when train.py names one in ``compress=``."""
+    """The ``method`` group entry, or ``conf/method/<name>.yaml`` when train.py names one in ``compress=``;
+    its algorithm is checked here, so a bad method fails before any training or calibration."""
     if name is None or name == cfg.method.name:
-        return cfg.method
-    path = CONF_DIR / "method" / f"{name}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
-        raise ValueError(f"unknown compression method {name!r}; choose one of {known}")
-    return OmegaConf.load(path)
+        method = cfg.method
+    else:
+        path = CONF_DIR / "method" / f"{name}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+            raise ValueError(f"unknown compression method {name!r}; choose one of {known}")
+        method = OmegaConf.load(path)
+    algorithm_name(method)
+    return method
 
 
-def compressed_model_dir(cfg: DictConfig, method: str, ratio: float) -> Path:
-    return Path(cfg.paths.models_dir) / f"{cfg.dataset.name}-{method}-r{ratio:g}"
+def compressed_model_dir(cfg: DictConfig, method: str | DictConfig, ratio: float | None) -> Path:
+    """``<models_dir>/<dataset>-<method>-<tag>``: the tag is r<ratio> for low-rank methods (a plain method
+    name means one), the method's own settings otherwise (w4g128, s0.5, 2of4; none for bnb)."""
+    name, tag = (method, f"r{ratio:g}") if isinstance(method, str) else (method.name, model_tag(method, ratio))
+    return Path(cfg.paths.models_dir) / "-".join(part for part in (cfg.dataset.name, name, tag) if part)
+
+
+def _safetensors_bytes(directory: str | Path | None) -> int | None:
+    """Bytes of the weight files in a saved model directory (None when there is none)."""
+    files = list(Path(directory).glob("*.safetensors")) if directory else []
+    return sum(f.stat().st_size for f in files) if files else None
 
 
 def compress_recommender(
@@ -86,7 +99,8 @@ def compress_recommender(
 
     ``dense_result`` (a :func:`score_examples` result of the dense model) saves its re-evaluation in sweeps.
     """
-    ratio = check_ratio(cfg.ratio)
+    ratio = cfg.ratio if uses_ratio(method) else None
+    algorithm = build_algorithm(method, ratio)  # settings (and a low-rank method's ratio) checked first
     output_dir.mkdir(parents=True, exist_ok=True)
     pad_id = dense.tokenizer.pad_token_id
     batches = calibration_batches(
@@ -94,12 +108,9 @@ def compress_recommender(
     )
     started = time.perf_counter()
     model = copy.deepcopy(dense.model)
-    report = compress_model(
-        model, batches, ratio=ratio, whiten=method.whiten, align=method.align, ridge=method.ridge,
-        progress=cfg.eval.progress,
-    )
+    report = compress_layers(model, batches, algorithm, progress=cfg.eval.progress)
     seconds = time.perf_counter() - started
-    log.info("compressed with %s at ratio %g in %.1f s", method.name, ratio, seconds)
+    log.info("compressed with %s (%s) in %.1f s", method.name, model_tag(method, ratio) or "defaults", seconds)
 
     trie = dense.trie()
     if dense_result is None:
@@ -110,11 +121,17 @@ def compress_recommender(
         dense_result["_recommendations"].top_codes, result["_recommendations"].top_codes,
         template=cfg.eval.template, batch_size=cfg.eval.batch_size, pad_id=pad_id,
     )
-    compressed = Recommender(model, dense.tokenizer, dense.item_codes,
-                             {**dense.meta, "compression": {"method": method.name, "ratio": ratio}})
-    model_dir = compressed.save(compressed_model_dir(cfg, method.name, ratio),
+    about = {"method": method.name, "ratio": ratio, "settings": OmegaConf.to_container(method, resolve=True)}
+    compressed = Recommender(model, dense.tokenizer, dense.item_codes, {**dense.meta, "compression": about})
+    model_dir = compressed.save(compressed_model_dir(cfg, method, ratio),
                                 extra=lambda d: save_compression_config(model, d))
-    plot_spectra(report, output_dir / "spectra.png")
+    sizes = report["totals"]
+    sizes["disk"] = {  # the safetensors files as saved: what a device has to store and load
+        "bytes_before": _safetensors_bytes(dense.meta.get("model_dir")),
+        "bytes_after": _safetensors_bytes(model_dir),
+    }
+    if isinstance(algorithm, LowRank):
+        plot_spectra(report, output_dir / "spectra.png")
     report.pop("spectra")  # plotted; too bulky for the JSON report
     payload = {
         "dataset": cfg.dataset.name,
@@ -124,7 +141,8 @@ def compress_recommender(
         "dense_model_dir": dense.meta.get("model_dir"),
         "compress_seconds": round(seconds, 1),
         "calibration_sequences": cfg.calibration.size,
-        "sizes": report["totals"],
+        "storage": report["settings"].get("storage", "float32 weights (low-rank factors where factorised)"),
+        "sizes": sizes,
         "dense": public(dense_result),
         "test": public(result),
         "fidelity": close,
@@ -141,10 +159,11 @@ def compress_recommender(
 
 def compress(cfg: DictConfig, output_dir: str | Path) -> dict:
     """compress.py: the latest trained model of the dataset (or ``model_dir``) -> compressed model + metrics."""
-    check_ratio(cfg.ratio)
+    method = method_config(cfg)
+    build_algorithm(method, cfg.ratio)  # bad settings, or a bad ratio for a low-rank method, fail before any work
     L.seed_everything(cfg.seed)
     dense, split = load_dense(cfg)
-    return compress_recommender(dense, split, cfg, method_config(cfg), Path(output_dir))
+    return compress_recommender(dense, split, cfg, method, Path(output_dir))
 
 
 def load_dense(cfg: DictConfig) -> tuple[Recommender, Split]:

@@ -1,10 +1,18 @@
-"""OD-LLM compression of a causal LM: whitened truncated SVD of every decoder linear + progressive alignment.
+"""Layer-by-layer compression of a causal LM, and OD-LLM: whitened truncated SVD + progressive alignment.
 
-Layer by layer (GPTQ-style, so memory holds one layer's statistics and two hidden-state streams):
+:func:`compress_layers` is the one driver every method goes through (GPTQ-style, so memory holds one layer's
+statistics and two hidden-state streams, the original X and the compressed X'): for each decoder layer it
+sums per-linear input statistics with hooks (``odllm.calibration``) on the stream the algorithm asks for,
+lets the algorithm replace each linear, optionally lets it refine the layer on the compressed stream, measures
+the layer's output error and advances both streams. The algorithms: :class:`LowRank` here (odllm, svd,
+svd_whiten, svd_align, asvd), ``odllm.gptq.GPTQ``, ``odllm.sparsegpt.SparseGPT``, ``odllm.bnb.BitsAndBytes``;
+``odllm.methods`` maps a method config to one.
+
+OD-LLM (:class:`LowRank`), per layer i:
 
 1. run the original layer i on the original stream X_i; hooks sum C = sum x x^T per linear (non-pad tokens);
 2. factorise each linear at the rank its share ``ratio`` of parameters allows (``odllm.lowrank``), whitened
-   by the Cholesky factor of C or plain;
+   by the Cholesky factor of C, scaled by ASVD's diag(mean|x|^alpha), or plain;
 3. with ``align``: on the compressed stream X'_i (what layer i really sees after the compressed layers 0..i-1)
    refit B of each factorised linear so that B A x' matches W x, by ridge least squares
        G = sum (A x')(A x')^T,   H = sum (W x)(A x')^T,   B = H (G + lambda I)^{-1},  lambda = ridge tr(G)/k,
@@ -15,7 +23,11 @@ Layer by layer (GPTQ-style, so memory holds one layer's statistics and two hidde
 
 ``ratio`` is the fraction of each decoder linear's parameters kept: a factorised m x n matrix of rank
 k = floor(ratio m n / (m + n)) stores k (m + n) <= ratio m n numbers. Embeddings, lm_head and norms stay
-dense; the report gives decoder-only and whole-model sizes.
+dense; the report gives decoder-only and whole-model sizes, in numbers and in the bytes really held.
+
+``compression.json`` records every replaced module by name: a bare integer is a LowRankLinear's rank (the
+original format, still written for low-rank modules), an object names its kind and settings
+(``{"kind": "gptq", "bits": 4, "group_size": 128, ...}``, ``{"kind": "sparse", "nnz": ...}``, ``bnb_*``).
 """
 
 from __future__ import annotations
@@ -24,8 +36,10 @@ import copy
 import json
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors.torch import load_file
@@ -33,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from odllm.calibration import InputCovariances, StopForward, capture_inputs, real_tokens
+from odllm.calibration import InputCovariances, LinearStatistics, StopForward, capture_inputs, real_tokens
 from odllm.lowrank import LowRankLinear, cholesky_with_jitter, factorize, rank_for_ratio
 
 log = logging.getLogger(__name__)
@@ -44,6 +58,7 @@ RATIO_MEANING = (
     "k = floor(ratio*m*n/(m+n)), k*(m+n) parameters; kept dense when that saves nothing or ratio == 1; "
     "embeddings, lm_head and norms stay dense"
 )
+WHITENING = {False: "none", True: "cholesky", "asvd": "asvd"}  # LowRank's ``whiten`` choices
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -114,8 +129,24 @@ def _compare_layers(
     return error / reference
 
 
-def _factorise_linear(name: str, linear: nn.Linear, C: torch.Tensor, ratio: float, whiten: bool):
-    """``(LowRankLinear or None when kept dense, report entry, truncated spectrum or None)``."""
+def asvd_scaling(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ASVD's S = diag(mean|x|^alpha) as a vector; a channel that never fired gets 1e-6 of the largest scale
+    (ASVD adds 1e-6) so that S stays invertible, and all-zero statistics give the identity."""
+    s = abs_mean.double().clamp(min=0) ** alpha
+    top = s.max()
+    return torch.ones_like(s) if top <= 0 else s + 1e-6 * top
+
+
+def _factorise_linear(
+    name: str, linear: nn.Linear, C: torch.Tensor, ratio: float, whiten: bool | str,
+    abs_mean: torch.Tensor | None = None, alpha: float = 0.5,
+):
+    """``(LowRankLinear or None when kept dense, report entry, truncated spectrum or None)``.
+
+    ``whiten``: True = Cholesky factor of C (optimal for the output error), "asvd" = diag(mean|x|^alpha),
+    False = none. ``predicted_error`` is the sum of dropped sigma^2, i.e. the error the choice minimises:
+    output error (whitened), scaled weight error (asvd), weight error (plain).
+    """
     m, n = linear.weight.shape
     params = sum(p.numel() for p in linear.parameters())
     entry = {"name": name, "shape": [m, n], "rank": "dense", "params_before": params, "params_after": params}
@@ -126,8 +157,12 @@ def _factorise_linear(name: str, linear: nn.Linear, C: torch.Tensor, ratio: floa
     if jitter:
         log.info("%s: input covariance is singular, added jitter %.3g * I before Cholesky", name, jitter)
     W = linear.weight.double()
-    B, A, sigma = factorize(W, S if whiten else None, k)
-    whitened = sigma if whiten else torch.linalg.svdvals(W @ S)
+    if whiten == "asvd":
+        scaling = torch.diag(asvd_scaling(abs_mean, alpha))
+    else:
+        scaling = S if whiten else None
+    B, A, sigma = factorize(W, scaling, k)
+    whitened = sigma if whiten is True else torch.linalg.svdvals(W @ S)
     module = LowRankLinear.from_factors(B.to(linear.weight.dtype), A.to(linear.weight.dtype), linear.bias)
     D = W - module.B.weight.double() @ module.A.weight.double()
     error, energy = ((D @ C) * D).sum().item(), ((W @ C) * W).sum().item()
@@ -206,19 +241,57 @@ def _align_layer(original, layer, factorised: dict, groups, entries: dict, strea
     }
 
 
-def _parameter_size(parameters) -> dict:
-    unique = {id(p): p for p in parameters}.values()  # tied embeddings count once
-    return {
-        "params": sum(p.numel() for p in unique),
-        "bytes": sum(p.numel() * p.element_size() for p in unique),
-    }
+def is_compressed(module: nn.Module) -> bool:
+    """A module written by a compression method (it records its ``kind`` in compression.json)."""
+    return hasattr(module, "kind") and callable(getattr(module, "spec", None))
+
+
+def _storage(roots: Iterable[nn.Module]) -> dict:
+    """Numbers represented and bytes really held by the modules under ``roots``; shared tensors count once.
+
+    A compressed module reports its own (``storage()``: packed codes, scales, masks ...), every other module
+    its parameters and persistent buffers.
+    """
+    seen: set[int] = set()
+    total = {"params": 0, "bytes": 0}
+
+    def visit(module: nn.Module) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if callable(getattr(module, "storage", None)):
+            for key, value in module.storage().items():
+                total[key] += value
+            return
+        tensors = [*module.parameters(recurse=False)]
+        persistent = [b for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+        tensors += persistent
+        for t in tensors:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total["params"] += t.numel() if isinstance(t, nn.Parameter) else 0
+                total["bytes"] += t.numel() * t.element_size()
+        for child in module.children():
+            visit(child)
+
+    for root in roots:
+        visit(root)
+    return total
+
+
+def _weight_modules(root: nn.Module) -> Iterator[nn.Module]:
+    """The outermost linears and compressed modules under ``root``."""
+    for child in root.children():
+        if is_compressed(child) or isinstance(child, nn.Linear):
+            yield child
+        else:
+            yield from _weight_modules(child)
 
 
 def _sizes(model: nn.Module, layers: nn.ModuleList) -> dict:
-    linears = [m for layer in layers for m in layer.modules() if isinstance(m, nn.Linear)]
     return {
-        "decoder_linear": _parameter_size(p for m in linears for p in m.parameters()),
-        "model": _parameter_size(model.parameters()),
+        "decoder_linear": _storage(_weight_modules(layers)),
+        "model": _storage([model]),
     }
 
 
@@ -230,73 +303,144 @@ def _totals(before: dict, after: dict) -> dict:
             "bytes_before": before[part]["bytes"],
             "bytes_after": after[part]["bytes"],
             "params_kept": after[part]["params"] / before[part]["params"],
+            "bytes_kept": after[part]["bytes"] / before[part]["bytes"],
         }
         for part in before
     }
 
 
-@torch.no_grad()
-def compress_model(
-    model: nn.Module,
-    batches: list[dict[str, torch.Tensor]],
-    *,
-    ratio: float,
-    whiten: bool,
-    align: bool,
-    ridge: float = 1e-4,
-    progress: bool = True,
-) -> dict:
-    """Compress ``model`` in place; returns a JSON-serialisable report (``report["spectra"]`` for plots).
+class LayerAlgorithm(Protocol):
+    """What :func:`compress_layers` asks of a method.
 
-    ``batches``: dicts with left-padded ``input_ids`` and ``attention_mask`` ``[B, T]``; pad tokens count
-    nowhere. Without ``align`` only the original stream is needed and each layer's output error is measured
-    on it; with ``align`` it is measured on the compressed stream, before and after the refit.
+    ``statistics``: which stream the input statistics come from ("original", "compressed" or "none");
+    ``sequential``: whether each layer is measured on, and the next fed by, the compressed stream.
+    """
+
+    statistics: str
+    sequential: bool
+
+    def settings(self) -> dict: ...
+
+    def validate(self, name: str, linear: nn.Linear) -> None: ...
+
+    def compress_linear(
+        self, name: str, linear: nn.Linear, stats: LinearStatistics | None
+    ) -> tuple[nn.Module | None, dict]: ...
+
+    def refine(self, original, layer, replaced: dict, groups: list, entries: dict, streams: _Streams) -> dict | None:
+        ...
+
+
+@dataclass
+class LowRank:
+    """Truncated SVD per linear at ``ratio`` (whitened, ASVD-scaled or plain), optionally aligned."""
+
+    ratio: float
+    whiten: bool | str = True
+    align: bool = True
+    ridge: float = 1e-4
+    alpha: float = 0.5  # ASVD's exponent; used only with whiten="asvd"
+    spectra: dict = field(default_factory=dict)
+
+    statistics = "original"
+
+    def __post_init__(self) -> None:
+        if self.whiten not in WHITENING:
+            raise ValueError(f"whiten={self.whiten!r}; choose true (Cholesky), false (none) or 'asvd'")
+
+    @property
+    def sequential(self) -> bool:
+        return bool(self.align)
+
+    def settings(self) -> dict:
+        settings = {"ratio": self.ratio, "ratio_meaning": RATIO_MEANING, "whiten": self.whiten,
+                    "align": self.align, "ridge": self.ridge}
+        return {**settings, "alpha": self.alpha} if self.whiten == "asvd" else settings
+
+    def validate(self, name: str, linear: nn.Linear) -> None:
+        rank_for_ratio(*linear.weight.shape, self.ratio)
+
+    def compress_linear(self, name: str, linear: nn.Linear, stats: LinearStatistics):
+        module, entry, spectrum = _factorise_linear(
+            name, linear, stats.covariance, self.ratio, self.whiten, stats.abs_mean, self.alpha
+        )
+        if spectrum is not None:
+            self.spectra[name] = spectrum
+        return module, entry
+
+    def refine(self, original, layer, replaced, groups, entries, streams) -> dict | None:
+        return _align_layer(original, layer, replaced, groups, entries, streams, self.ridge) if self.align else None
+
+
+def _entry(name: str, linear: nn.Linear, module: nn.Module | None, found: dict) -> dict:
+    """A matrix's report entry: the algorithm's own fields plus name, shape, numbers and bytes before/after."""
+    before, after = _storage([linear]), _storage([module if module is not None else linear])
+    entry = {"name": name, "shape": list(linear.weight.shape), **found}
+    entry.update(params_before=before["params"], params_after=after["params"], bytes_before=before["bytes"],
+                 bytes_after=after["bytes"])
+    return entry
+
+
+@torch.no_grad()
+def compress_layers(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], algorithm: LayerAlgorithm, *, progress: bool = True
+) -> dict:
+    """Compress ``model`` in place with ``algorithm``, one decoder layer at a time; returns the report.
+
+    ``batches``: dicts with left-padded ``input_ids`` and ``attention_mask`` ``[B, T]`` (and optionally a
+    ``statistics_mask``); pad tokens count nowhere. Every linear's shape is validated before any work.
     """
     layers = decoder_layers(model)
-    if any(isinstance(m, LowRankLinear) for m in layers.modules()):
+    if any(is_compressed(m) for m in layers.modules()):
         raise ValueError("the model is already compressed: pass the dense model")
-    for layer in layers:  # validate ratio and every shape before any work
-        for linear in layer.modules():
+    names = {module: name for name, module in model.named_modules()}
+    for layer in layers:
+        for name, linear in layer.named_modules():
             if isinstance(linear, nn.Linear):
-                rank_for_ratio(*linear.weight.shape, ratio)
+                algorithm.validate(f"{names[layer]}.{name}", linear)
     training = model.training
     model.eval()
-    names = {module: name for name, module in model.named_modules()}
     sizes_before = _sizes(model, layers)
     # statistics and errors use only the tokens named by ``statistics_mask`` (default: every non-pad token)
     masks = [batch.get("statistics_mask", batch["attention_mask"]).bool() for batch in batches]
     X, kwargs = _layer_inputs(model, layers, batches)
     streams = _Streams(X, list(X), kwargs, masks)
-    matrices, layer_reports, spectra = [], [], {}
+    matrices, layer_reports = [], []
 
     for i, layer in enumerate(tqdm(layers, desc="compress layers", disable=not progress)):
         original = copy.deepcopy(layer)
         linears = {name: m for name, m in original.named_modules() if isinstance(m, nn.Linear)}
-        with InputCovariances(linears) as stats:
-            for x, _, kw, mask in streams:
-                stats.mask = mask
-                _forward(original, x, kw)
+        stats = None
+        if algorithm.statistics != "none":
+            source = streams.Xc if algorithm.statistics == "compressed" else streams.X
+            with InputCovariances(linears) as stats:
+                for x, kw, mask in zip(source, streams.kwargs, streams.masks, strict=True):
+                    stats.mask = mask
+                    _forward(original, x, kw)
 
-        factorised, entries = {}, {}
+        replaced, entries = {}, {}
         for name, linear in linears.items():
             full_name = f"{names[layer]}.{name}"
-            C = stats.covariance[name]
-            module, entries[name], spectrum = _factorise_linear(full_name, linear, C, ratio, whiten)
-            entries[name]["tokens"] = stats.tokens[name]
+            module, found = algorithm.compress_linear(full_name, linear, stats and stats.statistics(name))
+            entries[name] = _entry(full_name, linear, module, found)
+            if stats is not None:
+                entries[name]["tokens"] = stats.tokens[name]
             if module is not None:
                 layer.set_submodule(name, module)
-                factorised[name] = module
-                spectra[full_name] = spectrum
+                replaced[name] = module
         matrices += entries.values()
 
-        report = {"layer": i, "input_stream": "compressed" if align else "original"}
-        if align and factorised:
-            report.update(_align_layer(original, layer, factorised, stats.groups, entries, streams, ridge))
+        report = {"layer": i, "input_stream": "compressed" if algorithm.sequential else "original"}
+        refined = None
+        if algorithm.sequential and replaced:
+            refined = algorithm.refine(original, layer, replaced, stats.groups if stats else [], entries, streams)
+        if refined is not None:
+            report.update(refined)
         else:
-            if not align:
+            if not algorithm.sequential:
                 streams.Xc = list(streams.X)  # measure this layer on the original stream
             report["output_error"] = _compare_layers(
-                original, layer, streams, advance_original=True, advance_compressed=align
+                original, layer, streams, advance_original=True, advance_compressed=algorithm.sequential
             )
         layer_reports.append(report)
         log.debug("layer %d: %s", i, report)
@@ -304,19 +448,36 @@ def compress_model(
     model.train(training)
     return {
         "settings": {
-            "ratio": ratio,
-            "ratio_meaning": RATIO_MEANING,
-            "whiten": whiten,
-            "align": align,
-            "ridge": ridge,
+            **algorithm.settings(),
             "calibration_sequences": sum(len(mask) for mask in masks),
             "calibration_tokens": int(sum(mask.sum() for mask in masks)),
         },
         "matrices": matrices,
         "layers": layer_reports,
         "totals": _totals(sizes_before, _sizes(model, layers)),
-        "spectra": spectra,
+        "spectra": getattr(algorithm, "spectra", {}),
     }
+
+
+def compress_model(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    *,
+    ratio: float,
+    whiten: bool | str,
+    align: bool,
+    ridge: float = 1e-4,
+    alpha: float = 0.5,
+    progress: bool = True,
+) -> dict:
+    """Low-rank compression of ``model`` in place; returns a JSON-serialisable report (``report["spectra"]``
+    for plots). ``whiten``: True (Cholesky, OD-LLM), False (plain SVD) or "asvd" (``alpha``).
+
+    Without ``align`` only the original stream is needed and each layer's output error is measured on it;
+    with ``align`` it is measured on the compressed stream, before and after the refit.
+    """
+    algorithm = LowRank(ratio=ratio, whiten=whiten, align=align, ridge=ridge, alpha=alpha)
+    return compress_layers(model, batches, algorithm, progress=progress)
 
 
 def plot_spectra(report: dict, path: str | Path) -> Path:
@@ -349,20 +510,51 @@ def plot_spectra(report: dict, path: str | Path) -> Path:
         axes[0].set_axis_on()
         axes[0].text(0.5, 0.5, "no factorised matrices", ha="center", transform=axes[0].transAxes)
     settings = report["settings"]
+    matrix = {True: "W S (whitened)", "asvd": "W diag(mean|x|^alpha) (ASVD)"}.get(settings["whiten"], "W")
     fig.suptitle(
-        f"singular values of {'W S (whitened)' if settings['whiten'] else 'W'}, ratio={settings['ratio']}: "
+        f"singular values of {matrix}, ratio={settings['ratio']}: "
         "dot = kept rank, colour = layer (dark = first)"
     )
     fig.savefig(path, dpi=120)
     return Path(path)
 
 
+def compression_specs(model: nn.Module) -> dict[str, dict]:
+    """Every compressed module's spec (its kind and what rebuilding its shapes needs), keyed by module name."""
+    return {name: m.spec() for name, m in model.named_modules() if is_compressed(m)}
+
+
 def save_compression_config(model: nn.Module, directory: str | Path) -> Path:
-    """Writes ``compression.json``: the rank of every LowRankLinear, keyed by module name."""
-    ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    """Writes ``compression.json``: per compressed module its spec; a low-rank module as its bare rank."""
+    specs = {
+        name: spec["rank"] if spec["kind"] == "lowrank" else spec for name, spec in compression_specs(model).items()
+    }
     path = Path(directory) / COMPRESSION_FILE
-    path.write_text(json.dumps(ranks, indent=2))
+    path.write_text(json.dumps(specs, indent=2))
     return path
+
+
+MODULE_KINDS = ("lowrank", "gptq", "sparse", "bnb_int8", "bnb_nf4")
+
+
+def module_class(kind: str) -> type:
+    """The module class of a compression.json ``kind``; it rebuilds empty shapes with ``empty(linear, spec)``.
+    bitsandbytes is imported only when a saved model uses it."""
+    if kind == "lowrank":
+        return LowRankLinear
+    if kind == "gptq":
+        from odllm.quantization import QuantLinear
+
+        return QuantLinear
+    if kind == "sparse":
+        from odllm.sparse import SparseLinear
+
+        return SparseLinear
+    if kind in ("bnb_int8", "bnb_nf4"):
+        from odllm.bnb import Int8Linear, NF4Linear
+
+        return Int8Linear if kind == "bnb_int8" else NF4Linear
+    raise ValueError(f"{COMPRESSION_FILE} names an unknown module kind {kind!r}; known kinds: {list(MODULE_KINDS)}")
 
 
 def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -380,19 +572,19 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_compressed(directory: str | Path) -> nn.Module:
-    """The model saved in ``directory``: LowRankLinear where compression.json says, else a plain HF model."""
+    """The model saved in ``directory``: compressed modules where compression.json says, else a plain HF model."""
     directory = Path(directory)
     if not (directory / COMPRESSION_FILE).exists():
         return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    ranks = json.loads((directory / COMPRESSION_FILE).read_text())
+    entries = json.loads((directory / COMPRESSION_FILE).read_text())
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=torch.float32)
-    for name, rank in ranks.items():
+    # a bare integer is a low-rank module's rank; parents are rebuilt before modules nested in them
+    for name, spec in sorted(entries.items(), key=lambda item: item[0].count(".")):
+        spec = {"kind": "lowrank", "rank": spec} if isinstance(spec, int) else spec
         linear = model.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{COMPRESSION_FILE} names {name}, a {type(linear).__name__}, not a Linear")
-        model.set_submodule(
-            name, LowRankLinear(linear.in_features, linear.out_features, rank, bias=linear.bias is not None)
-        )
+        model.set_submodule(name, module_class(spec["kind"]).empty(linear, spec))
     state = _read_safetensors(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
     aliases = defaultdict(list)  # tied weights are saved once, under one of their names

@@ -47,6 +47,16 @@ class LowRankLinear(nn.Module):
                 module.B.bias.copy_(bias)
         return module
 
+    @classmethod
+    def empty(cls, linear: nn.Linear, spec: dict) -> LowRankLinear:
+        """The module ``spec`` describes (shapes only), for ``load_state_dict`` to fill."""
+        return cls(linear.in_features, linear.out_features, spec["rank"], bias=linear.bias is not None)
+
+    kind = "lowrank"
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "rank": self.rank}
+
     @property
     def rank(self) -> int:
         return self.A.out_features

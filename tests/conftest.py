@@ -37,14 +37,14 @@ def write_synthetic_interactions(path: Path, users: int = 48, items: int = 24, s
     return path
 
 
-@pytest.fixture
-def tiny_run_overrides(tmp_path) -> list[str]:
-    data = write_synthetic_interactions(tmp_path / "toy.csv")
+def tiny_overrides(root: Path) -> list[str]:
+    """Overrides for a tiny model trained on synthetic interactions written under ``root``."""
+    data = write_synthetic_interactions(root / "toy.csv")
     return [
         "dataset=interactions",
         f"dataset.path={data}",
         "dataset.name=toy",
-        f"paths.models_dir={tmp_path / 'models'}",
+        f"paths.models_dir={root / 'models'}",
         "trainer.max_epochs=2",
         "trainer.enable_progress_bar=false",
         "train.batch_size=8",
@@ -55,3 +55,8 @@ def tiny_run_overrides(tmp_path) -> list[str]:
         "logger=none",
         *TINY_MODEL,
     ]
+
+
+@pytest.fixture
+def tiny_run_overrides(tmp_path) -> list[str]:
+    return tiny_overrides(tmp_path)

@@ -70,4 +70,4 @@ def test_benchmark_table_matches_runs(tmp_path, trained):
     assert payload["dense"]["metrics"] == odllm_run["dense"]["metrics"]
     assert payload["test_users"] == odllm_run["test"]["users"] == odllm_run["dense"]["users"] == 30
     assert "random subset" in table[0]
-    assert f"{odllm_run['test']['metrics']['ndcg@10']['value']:.4f}" in table[4]
+    assert f"{odllm_run['test']['metrics']['ndcg@10']['value']:.4f}" in table[5]
