@@ -14,9 +14,12 @@ OD-LLM (:class:`LowRank`), per layer i:
 2. factorise each linear at the rank its share ``ratio`` of parameters allows (``odllm.lowrank``), whitened
    by the Cholesky factor of C, scaled by ASVD's diag(mean|x|^alpha), or plain;
 3. with ``align``: on the compressed stream X'_i (what layer i really sees after the compressed layers 0..i-1)
-   refit B of each factorised linear so that B A x' matches W x, by ridge least squares
-       G = sum (A x')(A x')^T,   H = sum (W x)(A x')^T,   B = H (G + lambda I)^{-1},  lambda = ridge tr(G)/k,
-   one group of linears sharing an input at a time ([q,k,v], [o], [gate,up], [down]), so o_proj and down_proj
+   refit the factors so that B A x' matches W x, from the sums C' = sum x'x'^T, K = sum x x'^T (float64):
+   ``align: B`` (the paper) keeps A and solves ridge least squares for B,
+       B = W K A^T (A C' A^T + lambda I)^{-1},  lambda = ridge tr(A C' A^T)/k;
+   ``align: BA`` (default) refits both: the best rank-k map from x' to W x (reduced-rank regression) is
+       W* = W K C'^{-1} truncated by whitened SVD in the C' norm (step 2 again, on the stream the layer sees).
+   One group of linears sharing an input at a time ([q,k,v], [o], [gate,up], [down]), so o_proj and down_proj
    are fitted to the inputs they will really get. A refit is kept only where it lowers that linear's error,
    and the whole layer's refit is undone if it raised the layer's output error;
 4. advance: X_{i+1} = layer_i(X_i), X'_{i+1} = compressed layer_i(X'_i).
@@ -59,6 +62,7 @@ RATIO_MEANING = (
     "embeddings, lm_head and norms stay dense"
 )
 WHITENING = {False: "none", True: "cholesky", "asvd": "asvd"}  # LowRank's ``whiten`` choices
+ALIGNMENT = (False, "B", "BA")  # LowRank's ``align`` choices: none, refit B, refit both factors
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -178,60 +182,73 @@ def _factorise_linear(
     return module, entry, sigma.tolist()
 
 
-def _refit_group(original, layer, group: dict[str, LowRankLinear], streams: _Streams, ridge: float) -> dict:
-    """Ridge least squares for B of each linear in ``group`` (they share one input): B A x' ~ W x.
+def _refit_group(
+    original, layer, group: dict[str, LowRankLinear], streams: _Streams, ridge: float, factors: str
+) -> dict:
+    """Refits the factors of each linear in ``group`` (they share one input) so that B A x' ~ W x.
 
-    The accumulators give each linear's error exactly, E(B) = tr(B G B^T) - 2 tr(B H^T) + sum ||W x||^2,
-    so a refit is kept only where E falls. Returns per linear the relative errors and the decision.
+    Input statistics on the two streams, summed once for the group: C' = sum x' x'^T, K = sum x x'^T,
+    C = sum x x^T. Any M = B A then has the exact error E(M) = tr(M C' M^T) - 2 tr(M K^T W^T) + tr(W C W^T).
+
+    - ``factors="B"`` (the paper): A stays, B = W K A^T (A C' A^T + lambda I)^{-1} (ridge least squares);
+    - ``factors="BA"``: the best rank-k M for the compressed stream (reduced-rank regression): the
+      unconstrained fit W* = W K C'^{-1}, truncated in the C' norm, i.e. ``factorize(W*, chol(C'), k)``,
+      the whitened SVD of step 2 again, now on what the layer really sees and aimed at the original output.
+
+    A refit is kept only where E falls. Returns per linear the relative errors and the decision.
     """
     dense = {name: original.get_submodule(name) for name in group}
-    G = {name: torch.zeros(mod.rank, mod.rank, dtype=torch.float64) for name, mod in group.items()}
-    H = {name: torch.zeros(mod.out_features, mod.rank, dtype=torch.float64) for name, mod in group.items()}
-    energy = dict.fromkeys(group, 0.0)
+    n = next(iter(group.values())).in_features
+    Cc, K, C = (torch.zeros(n, n, dtype=torch.float64) for _ in range(3))
+    first = next(iter(group))
     for x, xc, kw, mask in streams:
-        inputs = capture_inputs(original, x, kw, dense, mask)
-        inputs_c = capture_inputs(layer, xc, kw, group, mask)
-        for name, module in group.items():
-            # W x and A x' in the model's precision, as the layers compute them; the sums in float64
-            y = (inputs[name] @ dense[name].weight.T).double()  # the bias cancels on both sides
-            z = module.A(inputs_c[name]).double()
-            G[name] += z.T @ z
-            H[name] += y.T @ z
-            energy[name] += y.square().sum().item()
+        a = capture_inputs(original, x, kw, {first: dense[first]}, mask)[first].double()
+        b = capture_inputs(layer, xc, kw, {first: group[first]}, mask)[first].double()
+        Cc += b.T @ b
+        K += a.T @ b
+        C += a.T @ a
     results = {}
     for name, module in group.items():
-        g, h, k = G[name], H[name], module.rank
-        L, _ = cholesky_with_jitter(g + ridge * g.trace() / k * torch.eye(k, dtype=g.dtype))
-        refit = torch.cholesky_solve(h.T, L).T
+        W, k = dense[name].weight.double(), module.rank
+        energy = ((W @ C) * W).sum().item()
+        A = module.A.weight.double()
+        if factors == "B":
+            G = A @ Cc @ A.T
+            L, _ = cholesky_with_jitter(G + ridge * G.trace() / k * torch.eye(k, dtype=G.dtype))
+            B = torch.cholesky_solve((W @ K @ A.T).T, L).T
+        else:
+            S, _ = cholesky_with_jitter(Cc + ridge * Cc.trace() / n * torch.eye(n, dtype=Cc.dtype))
+            B, A, _ = factorize(W @ torch.cholesky_solve(K.T, S).T, S, k)
         before, after = (
-            ((B @ g) * B).sum().item() - 2 * (B * h).sum().item() + energy[name]
-            for B in (module.B.weight.double(), refit)
+            ((M @ Cc) * M).sum().item() - 2 * ((M @ K.T) * W).sum().item() + energy
+            for M in (module.B.weight.double() @ module.A.weight.double(), B @ A)
         )
         if after < before:
-            module.B.weight.copy_(refit)
-        scale = energy[name] or 1.0
-        results[name] = {
-            "error_before": before / scale, "error_refit": after / scale, "refit_kept": after < before
-        }
+            module.B.weight.copy_(B)
+            module.A.weight.copy_(A)
+        scale = energy or 1.0
+        results[name] = {"error_before": before / scale, "error_refit": after / scale, "refit_kept": after < before}
     return results
 
 
-def _align_layer(original, layer, factorised: dict, groups, entries: dict, streams: _Streams, ridge) -> dict:
+def _align_layer(
+    original, layer, factorised: dict, groups, entries: dict, streams: _Streams, ridge: float, factors: str
+) -> dict:
     """Refits the layer's factorised linears group by group on the compressed stream, undoes them all if the
     layer's output error rose, and advances both streams. Returns the layer's errors and the decision."""
     before = _compare_layers(original, layer, streams)
-    saved = {name: module.B.weight.clone() for name, module in factorised.items()}
+    saved = {name: copy.deepcopy(module.state_dict()) for name, module in factorised.items()}
     for group in groups:
         members = {name: factorised[name] for name in group if name in factorised}
         if members:
-            for name, result in _refit_group(original, layer, members, streams, ridge).items():
+            for name, result in _refit_group(original, layer, members, streams, ridge, factors).items():
                 entries[name]["alignment"] = result
     # the original stream moves on here: the decision below does not touch it
     with_refit = _compare_layers(original, layer, streams, advance_original=True)
     kept = with_refit <= before
     if not kept:
         for name, module in factorised.items():
-            module.B.weight.copy_(saved[name])
+            module.load_state_dict(saved[name])
             entries[name]["alignment"]["refit_kept"] = False
     return {
         "error_before_alignment": before,
@@ -337,7 +354,7 @@ class LowRank:
 
     ratio: float
     whiten: bool | str = True
-    align: bool = True
+    align: bool | str = "BA"  # false, "B" (the paper: refit B) or "BA" (refit both factors)
     ridge: float = 1e-4
     alpha: float = 0.5  # ASVD's exponent; used only with whiten="asvd"
     spectra: dict = field(default_factory=dict)
@@ -347,6 +364,8 @@ class LowRank:
     def __post_init__(self) -> None:
         if self.whiten not in WHITENING:
             raise ValueError(f"whiten={self.whiten!r}; choose true (Cholesky), false (none) or 'asvd'")
+        if self.align not in ALIGNMENT:
+            raise ValueError(f"align={self.align!r}; choose false (none), 'B' (refit B) or 'BA' (refit B and A)")
 
     @property
     def sequential(self) -> bool:
@@ -369,7 +388,9 @@ class LowRank:
         return module, entry
 
     def refine(self, original, layer, replaced, groups, entries, streams) -> dict | None:
-        return _align_layer(original, layer, replaced, groups, entries, streams, self.ridge) if self.align else None
+        if not self.align:
+            return None
+        return _align_layer(original, layer, replaced, groups, entries, streams, self.ridge, self.align)
 
 
 def _entry(name: str, linear: nn.Linear, module: nn.Module | None, found: dict) -> dict:

@@ -22,7 +22,8 @@ from odllm.lowrank import check_ratio
 
 ALGORITHMS = ("lowrank", "gptq", "sparsegpt", "bnb")
 KNOWN_METHODS = {
-    "odllm": "lowrank", "svd": "lowrank", "svd_whiten": "lowrank", "svd_align": "lowrank", "asvd": "lowrank",
+    "odllm": "lowrank", "odllm_b": "lowrank", "svd": "lowrank", "svd_whiten": "lowrank", "svd_align": "lowrank",
+    "asvd": "lowrank",
     "gptq": "gptq", "gptq8": "gptq", "sparsegpt": "sparsegpt", "sparsegpt24": "sparsegpt",
     "bnb_int8": "bnb", "bnb_nf4": "bnb",
 }

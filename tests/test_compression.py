@@ -105,17 +105,17 @@ def data():
 
 @pytest.fixture(scope="module")
 def runs(dense, data):
-    """All four switch combinations at ratio 0.5: {(whiten, align): (model, report)}."""
+    """Every switch combination at ratio 0.5: {(whiten, align): (model, report)}."""
     return {
         (whiten, align): compressed(dense, data, ratio=0.5, whiten=whiten, align=align)
-        for whiten, align in itertools.product([False, True], repeat=2)
+        for whiten, align in itertools.product([False, True], [False, "B", "BA"])
     }
 
 
 def test_all_switch_combinations_compress_every_decoder_linear(runs, dense, data):
     for (whiten, align), (model, report) in runs.items():
         json.dumps(report)
-        assert report["settings"]["whiten"] is whiten and report["settings"]["align"] is align
+        assert report["settings"]["whiten"] is whiten and report["settings"]["align"] == align
         names = {e["name"] for e in report["matrices"]}
         assert len(names) == 2 * 7 and set(report["spectra"]) == names
         shapes = {e["name"].rsplit(".", 1)[-1]: tuple(e["shape"]) for e in report["matrices"]}
@@ -127,7 +127,7 @@ def test_all_switch_combinations_compress_every_decoder_linear(runs, dense, data
             assert entry["whitened_prediction"] <= entry["output_error"] * (1 + 1e-4)  # whitened is optimal
             if whiten:  # the identity: the prediction is the output error on the calibration data
                 assert entry["output_error"] == pytest.approx(entry["predicted_error"], rel=1e-3)
-            assert ("alignment" in entry) is align
+            assert ("alignment" in entry) is bool(align)
         assert type(model.lm_head) is torch.nn.Linear and type(model.model.embed_tokens) is torch.nn.Embedding
         assert all(torch.isfinite(logits(model, batch)).all() for batch in data)
         totals = report["totals"]
@@ -140,12 +140,28 @@ def test_whitening_and_alignment_bring_logits_closer_to_the_dense_model(runs, de
     kl = {switches: kl_to(dense, model, data) for switches, (model, _) in runs.items()}
     assert kl[(True, False)] < kl[(False, False)]
     for whiten in (False, True):
-        assert kl[(whiten, True)] < kl[(whiten, False)]
+        assert kl[(whiten, "BA")] < kl[(whiten, "B")] < kl[(whiten, False)]
+
+
+def test_refitting_both_factors_is_the_optimum_refitting_b_approaches(runs):
+    """Layer 0 sees the original stream (X' = X): there the whitened SVD already is the best rank-k fit, so
+    refitting both factors (reduced-rank regression) must land on the same error, and B alone cannot beat it."""
+    for whiten in (False, True):
+        both = {e["name"]: e for e in runs[(whiten, "BA")][1]["matrices"] if ".layers.0.self_attn" in e["name"]}
+        only_b = {e["name"]: e for e in runs[(whiten, "B")][1]["matrices"] if ".layers.0.self_attn" in e["name"]}
+        for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"):
+            entry = both[name]
+            optimum = entry["whitened_prediction"] / entry["output_error"] * entry["relative_output_error"]
+            refit = min(both[name]["alignment"]["error_refit"], both[name]["alignment"]["error_before"])
+            assert refit == pytest.approx(optimum, rel=1e-3, abs=1e-9)
+            assert min(only_b[name]["alignment"]["error_refit"], only_b[name]["alignment"]["error_before"]) >= (
+                refit * (1 - 1e-3)
+            )
 
 
 def test_alignment_never_worsens_a_layers_output_error(runs, dense, data):
-    for whiten in (False, True):
-        model, report = runs[(whiten, True)]
+    for whiten, align in itertools.product((False, True), ("B", "BA")):
+        model, report = runs[(whiten, align)]
         for layer in report["layers"]:
             assert layer["input_stream"] == "compressed"
             assert layer["output_error"] <= layer["error_before_alignment"]
@@ -167,7 +183,7 @@ def test_a_layer_whose_refit_hurts_is_reverted(monkeypatch, dense, data):
         return {name: {"refit_kept": True} for name in group}
 
     monkeypatch.setattr(compression, "_refit_group", harmful_refit)
-    model, report = compressed(dense, data, ratio=0.5, whiten=True, align=True)
+    model, report = compressed(dense, data, ratio=0.5, whiten=True, align="BA")
     reference, _ = compressed(dense, data, ratio=0.5, whiten=True, align=False)
     for layer in report["layers"]:
         assert not layer["alignment_kept"] and layer["error_with_refit"] > layer["error_before_alignment"]
@@ -177,7 +193,7 @@ def test_a_layer_whose_refit_hurts_is_reverted(monkeypatch, dense, data):
 
 
 def test_ratio_one_leaves_the_model_unchanged(dense, data):
-    model, report = compressed(dense, data, ratio=1.0, whiten=True, align=True)
+    model, report = compressed(dense, data, ratio=1.0, whiten=True, align="BA")
     assert all(e["rank"] == "dense" for e in report["matrices"]) and report["spectra"] == {}
     assert not any(isinstance(m, LowRankLinear) for m in model.modules())
     for batch in data:
@@ -207,7 +223,7 @@ def test_pad_tokens_do_not_count(dense):
         ["mlp.down_proj"],
     ]
     # end to end: the same errors whether the calibration set is padded or not
-    reports = [compressed(dense, data, ratio=0.5, whiten=True, align=True)[1] for data in (padded, alone)]
+    reports = [compressed(dense, data, ratio=0.5, whiten=True, align="BA")[1] for data in (padded, alone)]
     for a, b in zip(reports[0]["matrices"], reports[1]["matrices"], strict=True):
         assert a["output_error"] == pytest.approx(b["output_error"], rel=1e-4)
     for a, b in zip(reports[0]["layers"], reports[1]["layers"], strict=True):
@@ -219,7 +235,7 @@ def test_dead_input_channel_is_whitened_with_jitter_and_logged(caplog, data):
     with torch.no_grad():
         dense.model.embed_tokens.weight[:, 3] = 0.0  # layer 0 never sees input channel 3
     with caplog.at_level(logging.INFO, logger="odllm.compression"):
-        model, report = compressed(dense, data, ratio=0.5, whiten=True, align=True)
+        model, report = compressed(dense, data, ratio=0.5, whiten=True, align="BA")
     q_proj = next(e for e in report["matrices"] if e["name"] == "model.layers.0.self_attn.q_proj")
     assert q_proj["jitter"] > 0 and "model.layers.0.self_attn.q_proj" in caplog.text
     assert q_proj["output_error"] == pytest.approx(q_proj["predicted_error"], rel=1e-3)
@@ -229,7 +245,7 @@ def test_dead_input_channel_is_whitened_with_jitter_and_logged(caplog, data):
 @pytest.mark.parametrize(("tie", "kv_heads"), [(False, 2), (True, 2), (False, 4)])
 def test_save_and_load_give_identical_logits(tmp_path, data, tie, kv_heads):
     dense = tiny_model(tie=tie, kv_heads=kv_heads, seed=3)
-    model, report = compressed(dense, data, ratio=0.4, whiten=True, align=True)
+    model, report = compressed(dense, data, ratio=0.4, whiten=True, align="BA")
     model.save_pretrained(tmp_path, safe_serialization=True)
     save_compression_config(model, tmp_path)
     loaded = load_compressed(tmp_path)
@@ -254,7 +270,7 @@ def test_qwen2_with_attention_biases_compresses_and_reloads(tmp_path, data):
     dense = Qwen2ForCausalLM(config).eval()
     model = Qwen2ForCausalLM(config).eval()
     model.load_state_dict(dense.state_dict())
-    compress_model(model, data, ratio=0.5, whiten=True, align=True, progress=False)
+    compress_model(model, data, ratio=0.5, whiten=True, align="BA", progress=False)
     k_proj = model.model.layers[0].self_attn.k_proj
     assert isinstance(k_proj, LowRankLinear) and k_proj.out_features == 16
     assert torch.equal(k_proj.B.bias, dense.model.layers[0].self_attn.k_proj.bias)
@@ -287,7 +303,7 @@ def test_load_handles_shards_and_dense_directories_and_refuses_mismatches(tmp_pa
 
 
 def test_plot_spectra_writes_a_png(tmp_path, runs):
-    path = plot_spectra(runs[(True, True)][1], tmp_path / "spectra.png")
+    path = plot_spectra(runs[(True, "BA")][1], tmp_path / "spectra.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     empty = {"settings": {"whiten": True, "ratio": 1.0}, "matrices": [], "spectra": {}}
     assert plot_spectra(empty, tmp_path / "empty.png").stat().st_size > 0
