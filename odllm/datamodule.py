@@ -57,7 +57,7 @@ class SeqRecDataModule(L.LightningDataModule):
         *,
         mode: str,
         max_history: int,
-        window_stride: int,
+        window_stride: int | None,
         batch_size: int,
         valid_examples: Sequence[Example],
         eval_batch_size: int,

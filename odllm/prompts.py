@@ -108,10 +108,14 @@ def build_training_samples(
     *,
     mode: str,
     max_history: int,
-    stride: int,
+    stride: int | None,
     seed: int,
 ) -> list[Sample]:
-    """All training samples of one epoch's worth of data, each with a template drawn with ``seed``."""
+    """All training samples of one epoch's worth of data, each with a template drawn with ``seed``.
+
+    ``stride=None`` takes half the history: every target sees at least ``max_history // 2`` items.
+    """
+    stride = stride or max(1, max_history // 2)
     rng = random.Random(seed)
     samples: list[Sample] = []
     for user in train:
