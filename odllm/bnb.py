@@ -45,6 +45,15 @@ except Exception as error:  # noqa: BLE001 - any import failure means the same t
 PACK_ROWS = 32  # bitsandbytes' CPU repacking works on blocks of 32 output rows
 
 
+
+def _load_bias(module: nn.Module, state_dict: dict, prefix: str, missing: list) -> None:
+    """The bias of a rebuilt bitsandbytes layer, frozen like its quantized weight."""
+    if module.bias is not None:
+        if prefix + "bias" not in state_dict:
+            missing.append(prefix + "bias")
+            return
+        module.bias = nn.Parameter(state_dict[prefix + "bias"].clone(), requires_grad=False)
+
 class _DropCastNotice(logging.Filter):
     """bitsandbytes logs the float32 -> float16 input cast at every int8 forward; it is documented above."""
 
@@ -90,11 +99,7 @@ class Int8Linear(bnb.nn.Linear8bitLt):
             return
         weight = weight.clone()
         self.weight = Int8Params(weight, requires_grad=False, has_fp16_weights=False, CB=weight, SCB=scb.clone())
-        if self.bias is not None:
-            if prefix + "bias" not in state_dict:
-                missing.append(prefix + "bias")
-                return
-            self.bias = nn.Parameter(state_dict[prefix + "bias"].clone(), requires_grad=False)
+        _load_bias(self, state_dict, prefix, missing)
 
     def storage(self) -> dict:
         scb = self.weight.SCB if getattr(self.weight, "SCB", None) is not None else self.state.SCB
@@ -167,11 +172,7 @@ class NF4Linear(bnb.nn.Linear4bit):
             return
         self.weight = Params4bit.from_prequantized(state_dict[key].clone(), stats, requires_grad=False,
                                                    device="cpu", module=self)
-        if self.bias is not None:
-            if prefix + "bias" not in state_dict:
-                missing.append(prefix + "bias")
-                return
-            self.bias = nn.Parameter(state_dict[prefix + "bias"].clone(), requires_grad=False)
+        _load_bias(self, state_dict, prefix, missing)
 
     def storage(self) -> dict:
         state = self.weight.quant_state

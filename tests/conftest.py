@@ -4,6 +4,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 CONF = str(Path(__file__).parents[1] / "conf")
@@ -60,3 +61,12 @@ def tiny_overrides(root: Path) -> list[str]:
 @pytest.fixture
 def tiny_run_overrides(tmp_path) -> list[str]:
     return tiny_overrides(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: extra threads only add synchronisation, which stalls when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -29,12 +29,7 @@ KIND = {"gptq": "gptq", "gptq8": "gptq", "sparsegpt": "sparse", "sparsegpt24": "
         "bnb_int8": "bnb_int8", "bnb_nf4": "bnb_nf4"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def method(name: str):
