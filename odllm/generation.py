@@ -29,11 +29,19 @@ class ItemTrie:
             for t in range(self.depth):
                 children.setdefault(code[:t], set()).add(code[t])
         self.vocab_size = vocab_size
-        self._allowed = {p: torch.tensor(sorted(c)) for p, c in children.items()}
+        self._children = children
+        self._allowed: dict[tuple[int, ...], torch.Tensor] = {}  # filled on first use: most prefixes never are
         self._empty = torch.empty(0, dtype=torch.long)
 
     def allowed(self, prefix: Sequence[int]) -> torch.Tensor:
-        return self._allowed.get(tuple(prefix), self._empty)
+        """The tokens that may follow ``prefix``, ascending (empty when ``prefix`` is no item's prefix)."""
+        prefix = tuple(prefix)
+        tokens = self._allowed.get(prefix)
+        if tokens is None:
+            if prefix not in self._children:
+                return self._empty
+            tokens = self._allowed[prefix] = torch.tensor(sorted(self._children[prefix]), dtype=torch.long)
+        return tokens
 
     def mask(self, prefixes: torch.Tensor) -> torch.Tensor:
         """Additive mask (0 allowed, -inf not) for a batch of prefixes ``[rows, t]``."""
@@ -41,6 +49,16 @@ class ItemTrie:
         for row, prefix in enumerate(prefixes.tolist()):
             mask[row, self.allowed(prefix)] = 0.0
         return mask
+
+    def candidates(self, prefixes: torch.Tensor, min_columns: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The allowed next tokens of each prefix ``[rows, t]``, padded to a common width of at least
+        ``min_columns``: token ids ``[rows, C]`` (ascending; padding holds token 0) and which are real."""
+        allowed = [self.allowed(prefix) for prefix in prefixes.tolist()]
+        ids = torch.nn.utils.rnn.pad_sequence(allowed, batch_first=True, padding_value=-1)
+        if ids.shape[1] < min_columns:
+            ids = torch.nn.functional.pad(ids, (0, min_columns - ids.shape[1]), value=-1)
+        valid = ids >= 0
+        return ids.clamp_(min=0), valid
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,19 +90,42 @@ def beam_mask(prompt_mask: torch.Tensor, num_beams: int, past: int, dtype: torch
 def reorder_beam_cache(cache, prompt_len: int, parent: torch.Tensor, past: int) -> None:
     """Regroup the beam part of the cache as ``[W, past + 1]`` per beam and keep the chosen parents' rows.
 
-    Only the few code tokens are copied; the prompt part is shared by all beams of a user and stays as is.
+    Only the few code tokens move; the prompt part is shared by all beams of a user. One gather per cached
+    tensor: position index = the prompt, then per beam its parent's ``past`` tokens and the parent's new token.
     """
     batch, width = parent.shape
+    earlier = prompt_len + parent[..., None] * past + torch.arange(past)  # [B, W, past]
+    newest = prompt_len + width * past + parent[..., None]  # [B, W, 1]
+    index = torch.cat(
+        [torch.arange(prompt_len).expand(batch, -1), torch.cat([earlier, newest], dim=-1).reshape(batch, -1)], dim=1
+    )
     for layer in cache.layers:
         for name in ("keys", "values"):
             states = getattr(layer, name)
             heads, dim = states.shape[1], states.shape[-1]
-            old = states[:, :, prompt_len : prompt_len + width * past].reshape(batch, heads, width, past, dim)
-            new = states[:, :, prompt_len + width * past :].reshape(batch, heads, width, 1, dim)
-            beams = torch.cat([old, new], dim=3)
-            index = parent[:, None, :, None, None].expand(-1, heads, -1, past + 1, dim)
-            beams = beams.gather(2, index).reshape(batch, heads, width * (past + 1), dim)
-            setattr(layer, name, torch.cat([states[:, :, :prompt_len], beams], dim=2))
+            setattr(layer, name, states.gather(2, index[:, None, :, None].expand(-1, heads, -1, dim)))
+
+
+def select_beams(
+    scores: torch.Tensor, logp: torch.Tensor, codes: torch.Tensor, trie: ItemTrie, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``width`` best extensions of the beams ``codes [B, W, t]`` (scores ``[B, W]``, next-token
+    log-probabilities ``logp [B, W, V]``) by tokens the trie allows: new scores, codes and each one's parent beam.
+
+    Only the allowed tokens are gathered and ranked (a few per beam instead of the whole vocabulary); their
+    scores are exactly those of adding an additive -inf mask over the vocabulary. Slots beyond the allowed
+    ones score -inf, as do beams that are not items (fewer items than beams).
+    """
+    batch, beams = scores.shape
+    ids, valid = trie.candidates(codes.reshape(batch * beams, -1), min_columns=width)
+    ids, valid = ids.view(batch, beams, -1), valid.view(batch, beams, -1)
+    allowed = logp.gather(-1, ids).masked_fill_(~valid, float("-inf"))
+    total = (scores[..., None] + allowed).view(batch, -1)
+    scores, flat = total.topk(width, dim=-1)
+    parent = torch.div(flat, ids.shape[-1], rounding_mode="floor")
+    tokens = ids.view(batch, -1).gather(1, flat)
+    codes = torch.cat([codes.gather(1, parent[..., None].expand(-1, -1, codes.shape[-1])), tokens[..., None]], dim=-1)
+    return scores, codes, parent
 
 
 @torch.no_grad()
@@ -100,12 +141,10 @@ def beam_search(
     ids, attn = left_pad(prompts, pad_id)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1)
-    logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    logp = torch.log_softmax(out.logits[:, -1:].float(), dim=-1)  # [B, 1, V]: one "beam", the empty code
     batch, prompt_len = ids.shape
-    root = trie.mask(torch.empty((1, 0), dtype=torch.long))
-    scores, codes = (logp + root).topk(min(num_beams, trie.vocab_size), dim=-1)
-    codes = codes.unsqueeze(-1)  # [B, W, 1]
-    width = codes.shape[1]
+    width = min(num_beams, trie.vocab_size)
+    scores, codes, _ = select_beams(logp.new_zeros(batch, 1), logp, ids.new_empty(batch, 1, 0), trie, width)
     cache = out.cache
     for past in range(trie.depth - 1):
         out = model(
@@ -116,13 +155,7 @@ def beam_search(
             use_cache=True,
         )
         logp = torch.log_softmax(out.logits.float(), dim=-1)  # [B, W, V]
-        mask = trie.mask(codes.reshape(batch * width, -1)).view(batch, width, -1)
-        total = (scores[..., None] + logp + mask).view(batch, -1)
-        scores, flat = total.topk(width, dim=-1)
-        parent = torch.div(flat, trie.vocab_size, rounding_mode="floor")
-        codes = torch.cat(
-            [codes.gather(1, parent[..., None].expand(-1, -1, past + 1)), (flat % trie.vocab_size)[..., None]], dim=-1
-        )
+        scores, codes, parent = select_beams(scores, logp, codes, trie, width)
         if past + 2 < trie.depth:
             reorder_beam_cache(cache, prompt_len, parent, past)
     return codes, scores
@@ -164,7 +197,9 @@ def recommend(
 ) -> Recommendations:
     """Ranks the item codes for every prompt; batches are formed from prompts of similar length."""
     was_training = model.training
-    model.eval()
+    switch = any(m.training for m in model.modules())  # eval() and back walk every module: only when needed
+    if switch:
+        model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     ranks = torch.zeros(len(prompts), dtype=torch.long)
     top_codes: list[list[tuple[int, ...]]] = [[] for _ in prompts]
@@ -177,5 +212,6 @@ def recommend(
             invalid += sum(c not in trie.codes for c in ranked)
             top_codes[i] = ranked
             ranks[i] = rank_of(targets[i], ranked)
-    model.train(was_training)
+    if switch:
+        model.train(was_training)
     return Recommendations(ranks, invalid, short, top_codes)
