@@ -54,13 +54,17 @@ class Recommender:
 
     def __post_init__(self) -> None:
         self.encoder = SeqRecEncoder(self.tokenizer, self.item_codes)
+        self._trie: ItemTrie | None = None
 
     @staticmethod
     def trie_for(encoder: SeqRecEncoder, vocab_size: int) -> ItemTrie:
         return ItemTrie(encoder.item_ids.values(), vocab_size)
 
     def trie(self) -> ItemTrie:
-        return self.trie_for(self.encoder, self.model.get_output_embeddings().weight.shape[0])
+        """Built once per recommender: ``recommend`` is called per user."""
+        if self._trie is None:
+            self._trie = self.trie_for(self.encoder, self.model.get_output_embeddings().weight.shape[0])
+        return self._trie
 
     def recommend(self, history: Sequence[str], k: int = 10, num_beams: int = 20) -> list[str]:
         """Top-``k`` items for one user's history (items sharing a recommended code are all listed)."""
