@@ -2,7 +2,8 @@
 
 ``python -m odllm.benchmark dataset=instruments bench.ratios=[0.1,0.3,0.5,0.7,0.9] bench.methods=[odllm,svd]``
 evaluates the dense model once, then compresses a fresh copy per setting with the same calibration prompts
-and writes ``<bench.out>.json`` and a Markdown table ``<bench.out>.md``.
+(low-rank methods at every ratio, the others once at their own settings) and writes ``<bench.out>.json``, a
+Markdown table ``<bench.out>.md`` and the quality-vs-size frontier ``<bench.out>.png``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from odllm.compress_job import compress_recommender, load_dense, method_config
 from odllm.evaluation import public, score_examples, write_json
+from odllm.methods import model_tag, uses_ratio
 
 log = logging.getLogger(__name__)
 METRICS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
-RUN_KEYS = ("method", "ratio", "sizes", "test", "fidelity", "compress_seconds")
+RUN_KEYS = ("method", "ratio", "storage", "sizes", "test", "fidelity", "compress_seconds")
 
 
 def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
@@ -40,16 +42,23 @@ def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
         "runs": [],
     }
     out = Path(cfg.bench.out)
-    for ratio in cfg.bench.ratios:
-        for name in cfg.bench.methods:
-            run_cfg = OmegaConf.merge(cfg, {"ratio": ratio})
-            run_dir = Path(output_dir) / f"{name}-r{ratio:g}"
-            run = compress_recommender(dense, split, run_cfg, method_config(cfg, name), run_dir, dense_result)
-            payload["runs"].append({k: run[k] for k in RUN_KEYS})
-            write_json(out.with_suffix(".json"), payload)  # after every run: a stopped sweep keeps what it did
-            out.with_suffix(".md").write_text(markdown_table(payload))
-    log.info("benchmark written to %s.{json,md}", out)
+    for ratio, method in settings(cfg):
+        run_cfg = OmegaConf.merge(cfg, {"ratio": ratio})
+        run_dir = Path(output_dir) / "-".join(filter(None, [method.name, model_tag(method, ratio)]))
+        run = compress_recommender(dense, split, run_cfg, method, run_dir, dense_result)
+        payload["runs"].append({k: run[k] for k in RUN_KEYS})
+        write_json(out.with_suffix(".json"), payload)  # after every run: a stopped sweep keeps what it did
+        out.with_suffix(".md").write_text(markdown_table(payload))
+        frontier_plot(payload, out.with_suffix(".png"))
+    log.info("benchmark written to %s.{json,md,png}", out)
     return payload
+
+
+def settings(cfg: DictConfig) -> list[tuple[float, DictConfig]]:
+    """(ratio, method) pairs: low-rank methods at every ``bench.ratios``, the others once (ratio unused)."""
+    methods = [method_config(cfg, name) for name in cfg.bench.methods]  # unknown names fail before any work
+    pairs = [(ratio, m) for ratio in cfg.bench.ratios for m in methods if uses_ratio(m)]
+    return pairs + [(cfg.ratio, m) for m in methods if not uses_ratio(m)]
 
 
 def _cell(metrics: dict, name: str) -> str:
@@ -57,23 +66,56 @@ def _cell(metrics: dict, name: str) -> str:
 
 
 def markdown_table(payload: dict) -> str:
-    """One row per model; sizes are whole-model parameters (embeddings and lm_head included)."""
-    head = ["model", "ratio", "decoder linears kept", "whole-model params", *METRICS, "KL to dense", "top-10 overlap"]
+    """One row per model; bytes are those held in memory, whole model = embeddings and lm_head included."""
+    head = ["model", "setting", "decoder-linear bytes kept", "whole-model MB", *METRICS, "KL to dense",
+            "top-10 overlap", "storage"]
     users = f"{payload['test_users']} test users ({payload.get('test_users_note', 'all test users')})"
     lines = [f"{payload['dataset']}, {users}, 20 beams", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     first = payload["runs"][0]["sizes"] if payload["runs"] else None
-    dense_params = first["model"]["params_before"] if first else "-"
-    dense_cells = ["dense", "1", "100%", f"{dense_params:,}", *(_cell(payload["dense"]["metrics"], m) for m in METRICS)]
-    lines.append("| " + " | ".join([*dense_cells, "0", "1"]) + " |")
+    dense_mb = f"{first['model']['bytes_before'] / 1e6:.2f}" if first else "-"
+    dense_cells = ["dense", "-", "100%", dense_mb, *(_cell(payload["dense"]["metrics"], m) for m in METRICS)]
+    lines.append("| " + " | ".join([*dense_cells, "0", "1", "float32"]) + " |")
     for run in payload["runs"]:
         sizes = run["sizes"]
-        ratio = "-" if run["ratio"] is None else f"{run['ratio']:g}"  # baselines other than low rank have none
-        cells = [run["method"]["name"], ratio, f"{sizes['decoder_linear']['params_kept']:.1%}",
-                 f"{sizes['model']['params_after']:,}", *(_cell(run["test"]["metrics"], m) for m in METRICS),
-                 f"{run['fidelity']['kl']:.4f}", f"{run['fidelity']['top10_overlap']:.3f}"]
+        cells = [run["method"]["name"], _setting(run), f"{sizes['decoder_linear']['bytes_kept']:.1%}",
+                 f"{sizes['model']['bytes_after'] / 1e6:.2f}", *(_cell(run["test"]["metrics"], m) for m in METRICS),
+                 f"{run['fidelity']['kl']:.4f}", f"{run['fidelity']['top10_overlap']:.3f}", run.get("storage", "")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _setting(run: dict) -> str:
+    """The ratio of a low-rank run, else the method's own tag (w4g16, 2of4, ...)."""
+    return f"{run['ratio']:g}" if uses_ratio(run["method"]) else (model_tag(run["method"], None) or "defaults")
+
+
+def frontier_plot(payload: dict, path: str | Path) -> Path:
+    """NDCG@10 (± standard error) against whole-model bytes in memory: one line per method, dense as a star."""
+    from matplotlib.figure import Figure  # object API: no pyplot, no global backend; PNG renders with Agg
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.subplots()
+    by_method: dict[str, list[dict]] = {}
+    for run in payload["runs"]:
+        by_method.setdefault(run["method"]["name"], []).append(run)
+    for name, runs in by_method.items():
+        runs = sorted(runs, key=lambda r: r["sizes"]["model"]["bytes_after"])
+        x = [r["sizes"]["model"]["bytes_after"] / 1e6 for r in runs]
+        y = [r["test"]["metrics"]["ndcg@10"]["value"] for r in runs]
+        err = [r["test"]["metrics"]["ndcg@10"]["stderr"] for r in runs]
+        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=2, lw=1, label=name)
+    if payload["runs"]:
+        dense = payload["dense"]["metrics"]["ndcg@10"]
+        ax.errorbar([payload["runs"][0]["sizes"]["model"]["bytes_before"] / 1e6], [dense["value"]],
+                    yerr=[dense["stderr"]], marker="*", ms=12, color="black", capsize=2, label="dense")
+        ax.axhline(dense["value"], color="black", lw=0.6, ls=":")
+    ax.set_xlabel("whole-model bytes in memory (MB)")
+    ax.set_ylabel("test NDCG@10")
+    ax.set_title(f"{payload['dataset']}: quality vs size ({payload['test_users']} test users)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    return Path(path)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")

@@ -59,12 +59,16 @@ def test_unknown_method_named_by_train_fails_before_training(tmp_path, tiny_run_
 def test_benchmark_table_matches_runs(tmp_path, trained):
     from odllm.benchmark import run_benchmark
 
-    cfg = compose_config([*trained, "bench.methods=[odllm,svd]", "bench.ratios=[0.4]", f"bench.out={tmp_path}/b",
-                          "bench.test_users=30"],
+    cfg = compose_config([*trained, "bench.methods=[odllm,svd,gptq]", "bench.ratios=[0.4,0.6]",
+                          f"bench.out={tmp_path}/b", "bench.test_users=30"],
                          config_name="benchmark")
     payload = run_benchmark(cfg, tmp_path / "runs")
     table = (tmp_path / "b.md").read_text().splitlines()
-    assert len([line for line in table if line.startswith("| ")]) == 1 + 1 + 2  # header, dense, two methods
+    # header, dense, two low-rank methods at two ratios, gptq once (it has no ratio)
+    assert len([line for line in table if line.startswith("| ")]) == 1 + 1 + 2 * 2 + 1
+    assert [(r["method"]["name"], r["ratio"]) for r in payload["runs"]][-1] == ("gptq", None)
+    assert "| gptq | w4g16 |" in table[-1]
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     odllm_run = json.loads((tmp_path / "runs" / "odllm-r0.4" / "metrics.json").read_text())
     assert payload["runs"][0]["test"]["metrics"] == odllm_run["test"]["metrics"]
     assert payload["dense"]["metrics"] == odllm_run["dense"]["metrics"]
