@@ -111,7 +111,7 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 def _warm_up() -> None:
     """One tiny compression first: the library code it pages in (LAPACK, kernels) is RSS the first call
     would otherwise count as its own, a fixed ~70 MiB that hides what grows."""
-    compress_model(build_model(TINY), calibration_batches(16), ratio=RATIO, whiten=True, align=True, progress=False)
+    compress_model(build_model(TINY), calibration_batches(16), ratio=RATIO, whiten=True, align="BA", progress=False)
 
 
 def measure(name: str, config: dict, n: int, seq_len: int = SEQ_LEN, warm_up: bool = True) -> dict:
@@ -134,7 +134,7 @@ def measure(name: str, config: dict, n: int, seq_len: int = SEQ_LEN, warm_up: bo
     peak_reset = _reset_peak()
     rss_before = _status_kib("VmRSS")
     start = time.perf_counter()
-    report = compress_model(model, batches, ratio=RATIO, whiten=True, align=True, progress=False)
+    report = compress_model(model, batches, ratio=RATIO, whiten=True, align="BA", progress=False)
     seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM")
     return {
