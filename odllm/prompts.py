@@ -115,7 +115,7 @@ def build_training_samples(
 
     ``stride=None`` takes half the history: every target sees at least ``max_history // 2`` items.
     """
-    stride = stride or max(1, max_history // 2)
+    stride = max(1, max_history // 2) if stride is None else stride
     rng = random.Random(seed)
     samples: list[Sample] = []
     for user in train:
