@@ -28,6 +28,7 @@ from odllm.evaluation import (
     write_json,
 )
 from odllm.generation import left_pad
+from odllm.heal import heal
 from odllm.methods import algorithm_name, build_algorithm, model_tag, uses_ratio
 from odllm.metrics import format_metrics
 from odllm.prompts import SeqRecEncoder, build_training_samples
@@ -101,6 +102,9 @@ def compress_recommender(
     """
     ratio = cfg.ratio if uses_ratio(method) else None
     algorithm = build_algorithm(method, ratio)  # settings (and a low-rank method's ratio) checked first
+    if method.get("heal") and not uses_ratio(method):
+        raise ValueError(f"method {method.name!r}: heal works on low-rank methods only (their factors train); "
+                         "remove heal from the method config")
     output_dir.mkdir(parents=True, exist_ok=True)
     pad_id = dense.tokenizer.pad_token_id
     batches = calibration_batches(
@@ -111,6 +115,14 @@ def compress_recommender(
     report = compress_layers(model, batches, algorithm, progress=cfg.eval.progress)
     seconds = time.perf_counter() - started
     log.info("compressed with %s (%s) in %.1f s", method.name, model_tag(method, ratio) or "defaults", seconds)
+    healing = None
+    if method.get("heal"):  # optional distillation towards the dense model (odllm.heal), training split only
+        samples = build_training_samples(
+            dense.encoder, split.train, mode="all_positions", max_history=cfg.task.max_history,
+            stride=cfg.task.window_stride, seed=cfg.seed,
+        )
+        healing = heal(model, dense.model, samples, **method.heal, pad_id=pad_id, seed=cfg.seed,
+                       progress=cfg.eval.progress)
 
     trie = dense.trie()
     if dense_result is None:
@@ -140,6 +152,7 @@ def compress_recommender(
         "model_dir": str(model_dir),
         "dense_model_dir": dense.meta.get("model_dir"),
         "compress_seconds": round(seconds, 1),
+        "heal": healing,
         "calibration_sequences": cfg.calibration.size,
         "storage": report["settings"].get("storage", "float32 weights (low-rank factors where factorised)"),
         "sizes": sizes,

@@ -27,7 +27,7 @@ KNOWN_METHODS = {
     "gptq": "gptq", "gptq8": "gptq", "sparsegpt": "sparsegpt", "sparsegpt24": "sparsegpt",
     "bnb_int8": "bnb", "bnb_nf4": "bnb",
 }
-NOT_SETTINGS = ("name", "algorithm")
+NOT_SETTINGS = ("name", "algorithm", "heal")  # heal: odllm.heal, run by compress_job
 
 
 def algorithm_name(method: DictConfig | dict) -> str:
