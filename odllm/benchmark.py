@@ -55,8 +55,11 @@ def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
 
 
 def settings(cfg: DictConfig) -> list[tuple[float, DictConfig]]:
-    """(ratio, method) pairs: low-rank methods at every ``bench.ratios``, the others once (ratio unused)."""
+    """(ratio, method) pairs: low-rank methods at every ``bench.ratios``, the others once (ratio unused); with a
+    ``bench.embeddings`` list, every method once per embeddings choice (null = float32, int8)."""
     methods = [method_config(cfg, name) for name in cfg.bench.methods]  # unknown names fail before any work
+    if cfg.bench.get("embeddings") is not None:
+        methods = [OmegaConf.merge(m, {"embeddings": e}) for m in methods for e in cfg.bench.embeddings]
     pairs = [(ratio, m) for ratio in cfg.bench.ratios for m in methods if uses_ratio(m)]
     return pairs + [(cfg.ratio, m) for m in methods if not uses_ratio(m)]
 
@@ -80,14 +83,25 @@ def markdown_table(payload: dict) -> str:
         sizes = run["sizes"]
         cells = [run["method"]["name"], _setting(run), f"{sizes['decoder_linear']['bytes_kept']:.1%}",
                  f"{sizes['model']['bytes_after'] / 1e6:.2f}", *(_cell(run["test"]["metrics"], m) for m in METRICS),
-                 f"{run['fidelity']['kl']:.4f}", f"{run['fidelity']['top10_overlap']:.3f}", run.get("storage", "")]
+                 f"{run['fidelity']['kl']:.4f}", f"{run['fidelity']['top10_overlap']:.3f}", _storage_cell(run)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _setting(run: dict) -> str:
-    """The ratio of a low-rank run, else the method's own tag (w4g16, 2of4, ...)."""
-    return f"{run['ratio']:g}" if uses_ratio(run["method"]) else (model_tag(run["method"], None) or "defaults")
+    """The ratio of a low-rank run, else the method's own tag (w4g16, 2of4, ...); + int8 emb."""
+    method = {**run["method"], "embeddings": None}
+    setting = f"{run['ratio']:g}" if uses_ratio(method) else (model_tag(method, None) or "defaults")
+    return setting + _embeddings(run)
+
+
+def _embeddings(run: dict) -> str:
+    return f" + {run['method']['embeddings']} emb" if run["method"].get("embeddings") else ""
+
+
+def _storage_cell(run: dict) -> str:
+    embeddings = run["method"].get("embeddings")
+    return run.get("storage", "") + (f"; embeddings and lm_head {embeddings}" if embeddings else "")
 
 
 def frontier_plot(payload: dict, path: str | Path) -> Path:
@@ -98,7 +112,7 @@ def frontier_plot(payload: dict, path: str | Path) -> Path:
     ax = fig.subplots()
     by_method: dict[str, list[dict]] = {}
     for run in payload["runs"]:
-        by_method.setdefault(run["method"]["name"], []).append(run)
+        by_method.setdefault(run["method"]["name"] + _embeddings(run), []).append(run)
     for name, runs in by_method.items():
         runs = sorted(runs, key=lambda r: r["sizes"]["model"]["bytes_after"])
         x = [r["sizes"]["model"]["bytes_after"] / 1e6 for r in runs]

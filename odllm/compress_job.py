@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from odllm.compression import COMPRESSION_FILE, LowRank, compress_layers, plot_spectra, save_compression_config
 from odllm.data import Split, leave_one_out, load_dataset
+from odllm.embeddings import compress_embeddings
 from odllm.evaluation import (
     check_items,
     fidelity,
@@ -29,6 +30,7 @@ from odllm.evaluation import (
 )
 from odllm.generation import left_pad
 from odllm.heal import heal
+from odllm.loggers import log_results, run_logger
 from odllm.methods import algorithm_name, build_algorithm, model_tag, uses_ratio
 from odllm.metrics import format_metrics
 from odllm.prompts import SeqRecEncoder, build_training_samples
@@ -123,6 +125,7 @@ def compress_recommender(
         )
         healing = heal(model, dense.model, samples, **method.heal, pad_id=pad_id, seed=cfg.seed,
                        progress=cfg.eval.progress)
+    compress_embeddings(model, method.get("embeddings"), report)  # int8 embedding table and lm_head, or nothing
 
     trie = dense.trie()
     if dense_result is None:
@@ -176,7 +179,10 @@ def compress(cfg: DictConfig, output_dir: str | Path) -> dict:
     build_algorithm(method, cfg.ratio)  # bad settings, or a bad ratio for a low-rank method, fail before any work
     L.seed_everything(cfg.seed)
     dense, split = load_dense(cfg)
-    return compress_recommender(dense, split, cfg, method, Path(output_dir))
+    with run_logger(cfg, output_dir, "compress") as logger:
+        payload = compress_recommender(dense, split, cfg, method, Path(output_dir))
+        log_results(logger, payload, Path(output_dir))  # W&B also gets compression_report.json and the plots
+    return payload
 
 
 def load_dense(cfg: DictConfig) -> tuple[Recommender, Split]:

@@ -555,7 +555,8 @@ def save_compression_config(model: nn.Module, directory: str | Path) -> Path:
     return path
 
 
-MODULE_KINDS = ("lowrank", "gptq", "sparse", "bnb_int8", "bnb_nf4")
+MODULE_KINDS = ("lowrank", "gptq", "rtn", "sparse", "bnb_int8", "bnb_nf4", "quant_embedding", "quant_head",
+                "tied_head")
 
 
 def module_class(kind: str) -> type:
@@ -563,10 +564,15 @@ def module_class(kind: str) -> type:
     bitsandbytes is imported only when a saved model uses it."""
     if kind == "lowrank":
         return LowRankLinear
-    if kind == "gptq":
+    if kind in ("gptq", "rtn"):
         from odllm.quantization import QuantLinear
 
         return QuantLinear
+    if kind in ("quant_embedding", "quant_head", "tied_head"):
+        from odllm import embeddings
+
+        return {"quant_embedding": embeddings.QuantEmbedding, "quant_head": embeddings.QuantHead,
+                "tied_head": embeddings.TiedHead}[kind]
     if kind == "sparse":
         from odllm.sparse import SparseLinear
 
@@ -603,9 +609,12 @@ def load_compressed(directory: str | Path) -> nn.Module:
     for name, spec in sorted(entries.items(), key=lambda item: item[0].count(".")):
         spec = {"kind": "lowrank", "rank": spec} if isinstance(spec, int) else spec
         linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"{COMPRESSION_FILE} names {name}, a {type(linear).__name__}, not a Linear")
+        if not isinstance(linear, nn.Linear | nn.Embedding):
+            raise ValueError(f"{COMPRESSION_FILE} names {name}, a {type(linear).__name__}, not a Linear or Embedding")
         model.set_submodule(name, module_class(spec["kind"]).empty(linear, spec))
+    for module in model.modules():  # a module that uses another one (the tied int8 head) finds it now
+        if callable(getattr(module, "bind", None)):
+            module.bind(model)
     state = _read_safetensors(directory)
     missing, unexpected = model.load_state_dict(state, strict=False)
     aliases = defaultdict(list)  # tied weights are saved once, under one of their names

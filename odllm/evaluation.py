@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from odllm.data import Example, Split, leave_one_out, load_dataset
 from odllm.generation import ItemTrie, left_pad, recommend
+from odllm.loggers import log_results, run_logger
 from odllm.metrics import format_metrics, ranking_metrics
 from odllm.prompts import SeqRecEncoder
 from odllm.recommender import Recommender
@@ -143,6 +144,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
     payload = {
         "dataset": cfg.dataset.name,
         "model_dir": str(model_dir),
+        "compression": rec.meta.get("compression"),  # method and ratio of a compressed model, None when dense
         "test": public(result),
         "popularity": popularity_baseline(split, rec.encoder, examples, cfg.eval.ks),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -150,4 +152,6 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
     write_json(Path(output_dir) / "metrics.json", payload)
     log.info("test  %s", format_metrics(result["metrics"]))
     log.info("popularity  %s", format_metrics(payload["popularity"]))
+    with run_logger(cfg, output_dir, "evaluate") as logger:
+        log_results(logger, payload, Path(output_dir))
     return payload

@@ -1,8 +1,9 @@
 """Item tokens: how each item is written as a short sequence of new vocabulary tokens.
 
-Two kinds exist today: ``semantic`` (the dataset's own index, e.g. LC-Rec's 4 RQ-VAE codes per item) and
-``atomic`` (one fresh token per item). A learned index (a later step) only has to produce the same
-``item -> code`` mapping, so it plugs in through :func:`build_item_codes`.
+Three kinds, chosen by ``dataset.item_tokens``: ``semantic`` (the dataset's own index, e.g. LC-Rec's 4 RQ-VAE
+codes per item), ``learned`` (an index ``python -m odllm.index`` built, read from an LC-Rec-format
+``<name>.index.json`` under ``paths.indices_dir``) and ``atomic`` (one fresh token per item). All of them are
+an ``item -> code`` mapping made by :func:`build_item_codes`.
 
 Shared codes: LC-Rec's released indices give a few items the same full code. The model can only emit
 codes, so a recommendation is a code, and a code counts as a hit for every item that carries it (LC-Rec's
@@ -17,7 +18,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import DictConfig
+
+from odllm.data import DataError, Dataset, read_json
+
 INDEX_FILE = "item_index.json"
+INDEX_SUFFIX = ".index.json"  # a learned index: <paths.indices_dir>/<name>.index.json
 
 
 @dataclass
@@ -95,19 +101,62 @@ def atomic_codes(items: Sequence[str]) -> ItemCodes:
 
 
 def build_item_codes(
-    kind: str, items: Sequence[str], semantic_index: Mapping[str, Sequence[str]] | None
+    kind: str,
+    items: Sequence[str],
+    semantic_index: Mapping[str, Sequence[str]] | None,
+    learned_index: Mapping[str, Sequence[str]] | None = None,
 ) -> ItemCodes:
-    """The seam for item tokenisations: ``semantic`` (dataset index) or ``atomic``."""
+    """The seam for item tokenisations: ``semantic`` (dataset index), ``learned`` (odllm's index) or ``atomic``."""
     if kind == "atomic":
         return atomic_codes(items)
-    if kind == "semantic":
-        if semantic_index is None:
-            raise ValueError(
-                "dataset.item_tokens=semantic needs the dataset's index file (X.index.json); "
-                "use dataset.item_tokens=atomic for datasets without one"
-            )
-        missing = [i for i in items if i not in semantic_index]
-        if missing:
-            raise ValueError(f"{len(missing)} items have no semantic code, e.g. {missing[:5]}")
-        return ItemCodes({i: tuple(semantic_index[i]) for i in items}, kind="semantic")
-    raise ValueError(f"unknown item token kind {kind!r}; choose 'semantic' or 'atomic'")
+    if kind not in ("semantic", "learned"):
+        raise ValueError(f"unknown item token kind {kind!r}; choose 'semantic', 'learned' or 'atomic'")
+    index = semantic_index if kind == "semantic" else learned_index
+    if index is None:
+        raise ValueError(
+            "dataset.item_tokens=semantic needs the dataset's index file (X.index.json); "
+            "use dataset.item_tokens=learned (python -m odllm.index) or atomic for datasets without one"
+            if kind == "semantic"
+            else "dataset.item_tokens=learned needs the index that python -m odllm.index wrote"
+        )
+    missing = [i for i in items if i not in index]
+    if missing:
+        raise ValueError(f"{len(missing)} items have no {kind} code, e.g. {missing[:5]}")
+    return ItemCodes({i: tuple(index[i]) for i in items}, kind=kind)
+
+
+def learned_index_path(index: str | None, indices_dir: str | Path) -> Path:
+    """``dataset.index``: a path to an X.index.json file, or a name under ``paths.indices_dir``."""
+    built = sorted(p.name.removesuffix(INDEX_SUFFIX) for p in Path(indices_dir).glob(f"*{INDEX_SUFFIX}"))
+    hint = f"indices in {indices_dir}: {built or 'none'}; build one with `python -m odllm.index dataset=<name>`"
+    if not index:
+        raise ValueError(f"dataset.item_tokens=learned needs dataset.index=<name or path to X.index.json> ({hint})")
+    path = Path(index) if index.endswith(".json") else Path(indices_dir) / f"{index}{INDEX_SUFFIX}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found ({hint})")
+    return path
+
+
+def read_index_file(path: Path) -> dict[str, list[str]]:
+    """An LC-Rec-format index: ``{"item": ["<a_12>", "<b_3>", ...]}``."""
+    raw = read_json(path)
+    for item, code in raw.items():
+        if not isinstance(code, list) or not code or not all(isinstance(t, str) for t in code):
+            raise DataError(f"{path}: item {item!r} must map to a non-empty list of token strings")
+    return raw
+
+
+def item_codes_for(cfg: DictConfig, dataset: Dataset) -> ItemCodes:
+    """The item index ``cfg.dataset.item_tokens`` asks for; a learned one must cover every item of the dataset."""
+    kind = cfg.dataset.item_tokens
+    if kind != "learned":
+        return build_item_codes(kind, dataset.items, dataset.semantic_index)
+    path = learned_index_path(cfg.dataset.get("index"), cfg.paths.indices_dir)
+    index = read_index_file(path)
+    missing = [i for i in dataset.items if i not in index]
+    if missing:
+        raise DataError(
+            f"{path} has no code for {len(missing)} items of {dataset.name} (e.g. {missing[:5]}): it was built for "
+            f"other data; rebuild it with `python -m odllm.index dataset=...`"
+        )
+    return build_item_codes(kind, dataset.items, None, index)

@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from odllm.quantization import QuantLinear
+
 # Jitter levels tried by cholesky_with_jitter, relative to the mean eigenvalue trace(C)/n.
 JITTERS = (0.0, *(10.0**e for e in range(-8, 1)))
 # A pivot below this (relative to trace(C)/n) exists only by rounding: S^{-1} would amplify noise by > 1e6.
@@ -68,6 +70,13 @@ class LowRankLinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.B.out_features
+
+    def quantize_factors(self, bits: int = 8) -> None:
+        """Stores A and B as ``bits``-bit integers, one min-max grid per row (odllm + int8, beyond the paper):
+        k(m+n) numbers in about a quarter of the float32 bytes. Packed storage and its loading come from
+        :class:`odllm.quantization.QuantLinear`; compression.json lists the factors under their own names."""
+        self.A = QuantLinear.from_linear(self.A, bits)
+        self.B = QuantLinear.from_linear(self.B, bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.B(self.A(x))

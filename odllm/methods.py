@@ -1,13 +1,15 @@
 """The ``method`` config group -> the per-layer algorithm that :func:`odllm.compression.compress_layers` runs.
 
 - ``lowrank``: odllm, svd, svd_whiten, svd_align, asvd (whiten: true / false / asvd, align, ridge, alpha;
-  the top-level ``ratio``);
+  the top-level ``ratio``); with ``factor_bits`` (odllm_int8) the factors are then stored as integers;
 - ``gptq``: gptq, gptq8 (bits, group_size, block_size, damp, scale_dtype, static_groups);
 - ``sparsegpt``: sparsegpt, sparsegpt24 (sparsity, pattern: unstructured or n:m, block_size, damp);
 - ``bnb``: bnb_int8, bnb_nf4 (quant_type, threshold, blocksize, double_quant).
 
 A method config names its algorithm with ``algorithm:``; the names above need not (their algorithm is known).
-Only ``lowrank`` reads the top-level ``ratio``; the others are set by their own settings.
+Only ``lowrank`` reads the top-level ``ratio``; the others are set by their own settings. Every method may
+also set ``embeddings`` (null or int8: the embedding table and lm_head, ``odllm.embeddings``), which acts after
+the decoder layers and is not a setting of the per-layer algorithm.
 """
 
 from __future__ import annotations
@@ -17,17 +19,57 @@ import dataclasses
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from odllm.compression import LayerAlgorithm, LowRank, compress_layers
+from odllm.compression import LayerAlgorithm, LowRank, _compare_layers, _storage, _Streams, compress_layers
+from odllm.embeddings import check_embeddings
 from odllm.lowrank import check_ratio
+from odllm.quantization import check_bits
 
 ALGORITHMS = ("lowrank", "gptq", "sparsegpt", "bnb")
 KNOWN_METHODS = {
     "odllm": "lowrank", "odllm_b": "lowrank", "svd": "lowrank", "svd_whiten": "lowrank", "svd_align": "lowrank",
-    "asvd": "lowrank",
+    "asvd": "lowrank", "odllm_int8": "lowrank",
     "gptq": "gptq", "gptq8": "gptq", "sparsegpt": "sparsegpt", "sparsegpt24": "sparsegpt",
     "bnb_int8": "bnb", "bnb_nf4": "bnb",
 }
-NOT_SETTINGS = ("name", "algorithm", "heal")  # heal: odllm.heal, run by compress_job
+NOT_SETTINGS = ("name", "algorithm", "heal", "embeddings")  # odllm.heal and odllm.embeddings, run by compress_job
+
+
+@dataclasses.dataclass
+class QuantizedLowRank(LowRank):
+    """odllm + int8 (beyond the paper): :class:`LowRank`, then each factor stored as ``factor_bits``-bit integers
+    with one grid per row (``LowRankLinear.quantize_factors``).
+
+    A layer's factors are quantized once they are final (after its alignment) and before the compressed stream
+    moves on, so layer i+1 is aligned to what the quantized layers 0..i really produce.
+    """
+
+    factor_bits: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bits(self.factor_bits)
+
+    def settings(self) -> dict:
+        storage = f"int{self.factor_bits} low-rank factors (codes + float16 scale and zero point per row)"
+        return {**super().settings(), "factor_bits": self.factor_bits, "storage": storage}
+
+    def compress_linear(self, name, linear, stats):
+        module, entry = super().compress_linear(name, linear, stats)
+        if module is not None and not self.sequential:  # no alignment follows: the factors are final
+            module.quantize_factors(self.factor_bits)
+        return module, entry
+
+    def refine(self, original, layer, replaced, groups, entries, streams) -> dict:
+        inputs = list(streams.Xc)  # the layer's input: the refit advances the stream with float factors
+        report = super().refine(original, layer, replaced, groups, entries, streams)
+        for name, module in replaced.items():
+            module.quantize_factors(self.factor_bits)
+            entries[name]["bytes_after"] = _storage([module])["bytes"]
+        redo = _Streams(streams.X, inputs, streams.kwargs, streams.masks)  # X already holds the original outputs
+        report["output_error_float_factors"] = report["output_error"]
+        report["output_error"] = _compare_layers(None, layer, redo, advance_compressed=True)
+        streams.Xc = redo.Xc
+        return report
 
 
 def algorithm_name(method: DictConfig | dict) -> str:
@@ -65,9 +107,13 @@ def uses_ratio(method: DictConfig | dict) -> bool:
 def build_algorithm(method: DictConfig | dict, ratio: float | None = None) -> LayerAlgorithm:
     """The algorithm object for ``method``; a setting the algorithm does not have is an error naming them all."""
     algorithm = algorithm_name(method)
-    cls = _algorithm_class(algorithm)
+    check_embeddings(method.get("embeddings"))
     settings = OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else dict(method)
     settings = {key: value for key, value in settings.items() if key not in NOT_SETTINGS}
+    cls = QuantizedLowRank if algorithm == "lowrank" and "factor_bits" in settings else _algorithm_class(algorithm)
+    if cls is QuantizedLowRank and method.get("heal"):
+        raise ValueError(f"method {method.get('name')!r}: heal trains float factors, factor_bits stores them as "
+                         "integers before it; use one of the two")
     known = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("ratio", "spectra")]
     unknown = sorted(set(settings) - set(known))
     if unknown:
@@ -80,17 +126,20 @@ def build_algorithm(method: DictConfig | dict, ratio: float | None = None) -> La
 
 
 def model_tag(method: DictConfig | dict, ratio: float | None) -> str:
-    """What tells runs of one method apart in a directory name: r0.5, w4g128, w8row, s0.5, 2of4 (bnb: nothing)."""
+    """What tells runs of one method apart in a directory name: r0.5, w4g128, w8row, s0.5, 2of4 (bnb: nothing),
+    followed by ``emb8`` when the embeddings are int8 (r0.5-emb8, emb8)."""
     algorithm = algorithm_name(method)
     if algorithm == "lowrank":
-        return f"r{ratio:g}"
-    if algorithm == "gptq":
+        tag = f"r{ratio:g}"
+    elif algorithm == "gptq":
         group = method.get("group_size", 128)
-        return f"w{method.get('bits', 4)}" + ("row" if group == -1 else f"g{group}")
-    if algorithm == "sparsegpt":
+        tag = f"w{method.get('bits', 4)}" + ("row" if group == -1 else f"g{group}")
+    elif algorithm == "sparsegpt":
         pattern = str(method.get("pattern", "unstructured"))
-        return pattern.replace(":", "of") if ":" in pattern else f"s{method.get('sparsity', 0.5):g}"
-    return ""
+        tag = pattern.replace(":", "of") if ":" in pattern else f"s{method.get('sparsity', 0.5):g}"
+    else:
+        tag = ""
+    return "-".join(filter(None, [tag, "emb8" if method.get("embeddings") == "int8" else ""]))
 
 
 def compress_with(model: nn.Module, batches: list[dict], method: DictConfig | dict, ratio: float | None = None, *,

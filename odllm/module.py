@@ -50,12 +50,26 @@ class SeqRecModule(L.LightningModule):
         self._val_ranks.append(torch.tensor(ranks))
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_ranks:
-            return
-        metrics = ranking_metrics(torch.cat(self._val_ranks), self.num_beams, self.ks)
+        ranks = torch.cat(self._val_ranks) if self._val_ranks else torch.zeros(0, dtype=torch.long)
         self._val_ranks.clear()
+        if self.trainer.world_size > 1:
+            ranks = self._gather(ranks)
+        if not ranks.numel():
+            return
+        metrics = ranking_metrics(ranks, self.num_beams, self.ks)
+        # every process holds every user's rank, so the values already agree: sync_dist averages equal numbers
         for name, m in metrics.items():
-            self.log(f"val/{name}", m["value"], prog_bar=name == "ndcg@10")
+            self.log(f"val/{name}", m["value"], prog_bar=name == "ndcg@10", sync_dist=True)
+        self.log("val/users", float(ranks.numel()), sync_dist=True)
+
+    def _gather(self, ranks: torch.Tensor) -> torch.Tensor:
+        """All processes' ranks (each user scored by exactly one process); shards differ in size by at most one,
+        so they are padded with -1 for the collective and the padding dropped after it."""
+        size = int(self.all_gather(torch.tensor(ranks.numel())).max())
+        padded = torch.full((size,), -1, dtype=torch.long)
+        padded[: ranks.numel()] = ranks
+        gathered = self.all_gather(padded).reshape(-1)
+        return gathered[gathered >= 0]
 
     def configure_optimizers(self):
         decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2]

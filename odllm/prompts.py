@@ -4,12 +4,15 @@ Every template is an instruction followed by the user's history written as item 
 code follows directly. Because the target continues the list, one causal forward pass over
 ``instruction + i1 i2 ... in`` learns every next-item position at once (``all_positions`` mode), and the
 very same text is what LC-Rec's one-sample-per-prefix mode (``per_prefix``) trains on, one target at a time.
+
+Where items have text, LC-Rec's alignment tasks (item text -> code, code -> text) add samples that tie each
+item's code to what the item is; only seqrec is evaluated.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from odllm.items import ItemCodes
@@ -23,6 +26,17 @@ SEQREC_TEMPLATES: tuple[str, ...] = (
     "History:",
     "Based on this user's past interactions, predict the next item they will want.\nHistory:",
 )
+
+# LC-Rec's item-text alignment tasks; "{text}" is the item's text, "{item}" its code tokens.
+ITEM2INDEX_TEMPLATES: tuple[str, ...] = (
+    "Which item has the following title and description?\n{text}\nItem:",
+    "An item is described as follows: {text}\nWhich item is it?\nItem:",
+)
+INDEX2ITEM_TEMPLATES: tuple[str, ...] = (
+    "What are the title and description of item {item}?\n",
+    "Describe the item {item}.\n",
+)
+ITEM_TEXT_TASKS = ("item2index", "index2item")
 
 IGNORE_INDEX = -100
 
@@ -80,6 +94,69 @@ class SeqRecEncoder:
             ids += code
             labels += code if pos >= first_target else [IGNORE_INDEX] * len(code)
         return Sample(ids, labels)
+
+
+def tokenizer_corpus(item_text: Mapping[str, str], item_text_weights: Mapping[str, float]) -> list[str]:
+    """What a scratch tokenizer learns: the seqrec templates, the item text, and the item-text templates when
+    those tasks are on (so a run without them tokenizes exactly as before they existed)."""
+    tasks_on = bool(item_text) and any(item_text_weights.get(t, 0) > 0 for t in ITEM_TEXT_TASKS)
+    return [*SEQREC_TEMPLATES, *(ITEM2INDEX_TEMPLATES + INDEX2ITEM_TEMPLATES if tasks_on else ()), *item_text.values()]
+
+
+class ItemTextEncoder:
+    """LC-Rec's alignment tasks: item text -> item code (``item2index``) and item code -> item text (``index2item``).
+
+    The loss is on the answer only: the code tokens, or the text tokens and end-of-sequence (so the model
+    learns where a text ends). Item text is cut to ``max_text_tokens`` tokens.
+    """
+
+    def __init__(self, tokenizer, encoder: SeqRecEncoder, item_text: Mapping[str, str], max_text_tokens: int = 64):
+        self.encoder, self.eos_id = encoder, tokenizer.eos_token_id
+        self.text_ids = {
+            item: tokenizer(item_text[item], add_special_tokens=False)["input_ids"][:max_text_tokens]
+            for item in encoder.item_ids
+            if item_text.get(item)
+        }
+        self.parts = {
+            "item2index": [self._split(tokenizer, t, "{text}") for t in ITEM2INDEX_TEMPLATES],
+            "index2item": [self._split(tokenizer, t, "{item}") for t in INDEX2ITEM_TEMPLATES],
+        }
+
+    @staticmethod
+    def _split(tokenizer, template: str, slot: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the slot, with BOS in front as in the seqrec prompts."""
+        before, after = template.split(slot)
+        return SeqRecEncoder._encode_prefix(tokenizer, before), tokenizer(after, add_special_tokens=False)["input_ids"]
+
+    @property
+    def items(self) -> list[str]:
+        return list(self.text_ids)
+
+    def item2index(self, item: str, template: int) -> Sample:
+        before, after = self.parts["item2index"][template]
+        prompt, code = before + self.text_ids[item] + after, self.encoder.item(item)
+        return Sample(prompt + code, [IGNORE_INDEX] * len(prompt) + code)
+
+    def index2item(self, item: str, template: int) -> Sample:
+        before, after = self.parts["index2item"][template]
+        prompt, answer = before + self.encoder.item(item) + after, self.text_ids[item] + [self.eos_id]
+        return Sample(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
+
+
+def build_item_text_samples(text_encoder: ItemTextEncoder, weights: Mapping[str, float], seed: int) -> list[Sample]:
+    """``weights[task]`` samples per item with text and epoch: the integer part for every item, the fraction
+    for that share of the items (drawn with ``seed``); each sample's template drawn with ``seed`` too."""
+    rng = random.Random(seed)
+    samples: list[Sample] = []
+    for task in ITEM_TEXT_TASKS:
+        weight = weights.get(task, 0)
+        if weight < 0:
+            raise ValueError(f"task.item_text.{task} must be >= 0 (samples per item and epoch), got {weight}")
+        build, n_templates = getattr(text_encoder, task), len(text_encoder.parts[task])
+        for item in text_encoder.items:
+            for _ in range(int(weight) + (rng.random() < weight % 1)):
+                samples.append(build(item, rng.randrange(n_templates)))
+    return samples
 
 
 def training_windows(sequence: Sequence[str], max_history: int, stride: int) -> list[tuple[int, int, int]]:

@@ -13,6 +13,12 @@ Storage of an m x n matrix: 4-bit codes two per byte (low nibble first), 8-bit c
 group one scale (2 bytes) and one zero point (4 or 8 bits, packed like the codes). The weights are dequantized
 in every forward into a temporary float32 matrix that is freed afterwards, so resident memory is the packed
 size unless ``keep_dequantized`` is switched on (an explicit speed-for-memory trade that ``storage()`` counts).
+
+Rows are independent (each has its own groups), so row blocks of codes, scales and zero points concatenate
+into the matrix of stacked weights, and a lookup dequantizes only the rows it gathers (the int8 embedding
+table, ``odllm.embeddings``). :meth:`QuantLinear.from_linear` is round-to-nearest on this grid, the ``rtn``
+kind: GPTQ's output-aware rounding matters at 4 bits, at 8 bits per row RTN's error is already ~0.1 % of
+the weights' range.
 """
 
 from __future__ import annotations
@@ -120,12 +126,15 @@ def rtn_quantize(
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``scale * (code - zero)`` per group, in the scales' dtype promoted to at least float32."""
+    """``scale * (code - zero)`` per group, in the scales' dtype promoted to at least float32. Few, in-place
+    operations: at batch 1 a forward's dequantization costs more dispatches than arithmetic."""
     m, n = codes.shape
-    g = n // scales.shape[1]
+    groups = scales.shape[1]
     dtype = torch.promote_types(scales.dtype, torch.float32)
-    grouped = codes.reshape(m, n // g, g).to(dtype) - zeros.to(dtype).unsqueeze(-1)
-    return (grouped * scales.to(dtype).unsqueeze(-1)).reshape(m, n)
+    if groups == 1:  # one grid per row
+        return (codes.to(dtype) - zeros.to(dtype)).mul_(scales.to(dtype))
+    grouped = codes.view(m, groups, n // groups).to(dtype) - zeros.to(dtype).unsqueeze(-1)
+    return grouped.mul_(scales.to(dtype).unsqueeze(-1)).view(m, n)
 
 
 class QuantLinear(nn.Module):
@@ -136,13 +145,15 @@ class QuantLinear(nn.Module):
     trading the memory saving for speed; :meth:`storage` then counts the cache.
     """
 
-    kind = "gptq"
+    kind = "gptq"  # how the codes were chosen: "gptq", or "rtn" (round-to-nearest); the storage is the same
 
     def __init__(
         self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128, bias: bool = False,
-        scale_dtype: str = "float16",
+        scale_dtype: str = "float16", kind: str | None = None,
     ) -> None:
         super().__init__()
+        if kind is not None:
+            self.kind = kind
         self.in_features, self.out_features = in_features, out_features
         self.bits = check_bits(bits)
         self.group_size = group_size
@@ -160,11 +171,11 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_codes(
         cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, bits: int, group_size: int,
-        bias: torch.Tensor | None = None, scale_dtype: str = "float16",
+        bias: torch.Tensor | None = None, scale_dtype: str = "float16", kind: str | None = None,
     ) -> QuantLinear:
         """The module storing ``codes [m, n]`` (integers in [0, 2^bits)), ``scales``/``zeros [m, groups]``."""
         m, n = codes.shape
-        module = cls(n, m, bits, group_size, bias is not None, scale_dtype)
+        module = cls(n, m, bits, group_size, bias is not None, scale_dtype, kind)
         with torch.no_grad():
             module.qweight.copy_(module._pack(codes))
             module.qzeros.copy_(module._pack(zeros))
@@ -174,10 +185,31 @@ class QuantLinear(nn.Module):
         return module
 
     @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int = -1) -> QuantLinear:
+        """Round-to-nearest of ``linear``'s weight on the min-max grid (kind ``rtn``; subclasses keep theirs)."""
+        codes, scales, zeros = rtn_quantize(linear.weight.detach().float(), bits, group_size)
+        bias = None if getattr(linear, "bias", None) is None else linear.bias.detach()
+        kind = "rtn" if cls is QuantLinear else None
+        return cls.from_codes(codes, scales, zeros, bits=bits, group_size=group_size, bias=bias, kind=kind)
+
+    @classmethod
     def empty(cls, linear: nn.Linear, spec: dict) -> QuantLinear:
         """The module ``spec`` describes, with zero buffers for ``load_state_dict`` to fill."""
         return cls(linear.in_features, linear.out_features, spec["bits"], spec["group_size"],
-                   linear.bias is not None, spec.get("scale_dtype", "float16"))
+                   linear.bias is not None, spec.get("scale_dtype", "float16"), spec["kind"])
+
+    @classmethod
+    def stacked(cls, modules: list[QuantLinear]) -> QuantLinear:
+        """One module whose rows are those of ``modules`` in order (same input, bits, groups; no bias)."""
+        first = modules[0]
+        settings = {(m.in_features, m.bits, m.group_size, m.scale_dtype) for m in modules}
+        if len(settings) != 1 or any(m.bias is not None for m in modules):
+            raise ValueError("only bias-free QuantLinears with the same input and grid settings stack")
+        module = cls(first.in_features, sum(m.out_features for m in modules), first.bits, first.group_size,
+                     False, first.scale_dtype, first.kind)
+        for name in ("qweight", "qzeros", "scales"):
+            getattr(module, name).copy_(torch.cat([getattr(m, name) for m in modules]))
+        return module
 
     def spec(self) -> dict:
         return {"kind": self.kind, "bits": self.bits, "group_size": self.group_size, "scale_dtype": self.scale_dtype}
@@ -198,6 +230,13 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 ``[out, in]`` weight the codes stand for."""
         return dequantize(self.codes(), self.scales, self.zeros(), self.group_size)
+
+    def dequantized_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Float32 rows ``index`` (any shape) of the weight, ``[*index.shape, in]``: only those are unpacked."""
+        flat = index.reshape(-1)
+        rows = dequantize(self._unpack(self.qweight[flat], self.in_features), self.scales[flat],
+                          self._unpack(self.qzeros[flat], self.scales.shape[1]), self.group_size)
+        return rows.view(*index.shape, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.keep_dequantized:
@@ -220,7 +259,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, keep_dequantized={self.keep_dequantized}")
+                f"group_size={self.group_size}, kind={self.kind}, keep_dequantized={self.keep_dequantized}")
 
 
 def keep_dequantized(model: nn.Module, enabled: bool = True) -> int:

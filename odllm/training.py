@@ -14,26 +14,32 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from odllm.compress_job import compress_recommender, method_config
 from odllm.data import leave_one_out, load_dataset
 from odllm.datamodule import SeqRecDataModule
 from odllm.evaluation import latest_model_dir, popularity_baseline, public, score_examples, write_json
-from odllm.items import build_item_codes
+from odllm.items import item_codes_for
+from odllm.loggers import log_results, run_logger, sweep_job
 from odllm.lowrank import check_ratio
 from odllm.metrics import format_metrics
 from odllm.model import add_dropout, build_model, merge, parameter_summary
 from odllm.module import SeqRecModule
-from odllm.prompts import SEQREC_TEMPLATES, SeqRecEncoder
+from odllm.prompts import ItemTextEncoder, SeqRecEncoder, tokenizer_corpus
 from odllm.recommender import Recommender
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, output_dir: str | Path) -> dict:
-    output_dir = Path(output_dir)
+    """train.py: fit, save and test the model (and compress it when ``compress=`` names a method), one logger."""
+    with run_logger(cfg, output_dir, "train") as logger:
+        return _fit_and_test(cfg, Path(output_dir), logger)
+
+
+def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> dict:
     if cfg.compress:  # fail before training, not after
         check_ratio(cfg.ratio)
         method_config(cfg, cfg.compress)
@@ -42,14 +48,14 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict:
 
     dataset = load_dataset(cfg.dataset)
     split = leave_one_out(dataset, cfg.task.max_history)
-    item_codes = build_item_codes(cfg.dataset.item_tokens, dataset.items, dataset.semantic_index)
+    item_codes = item_codes_for(cfg, dataset)
     if item_codes.collisions:
         log.info(
             "%d items share their full code with another item (%d distinct codes for %d items); "
             "a recommended code counts as a hit for every item that carries it",
             item_codes.collisions, item_codes.distinct_codes, len(item_codes.codes),
         )
-    corpus = list(SEQREC_TEMPLATES) + list(dataset.item_text.values())
+    corpus = tokenizer_corpus(dataset.item_text, cfg.task.item_text)
     torch.manual_seed(cfg.seed)
     model, tokenizer = build_model(cfg.model, item_codes, corpus)
     encoder = SeqRecEncoder(tokenizer, item_codes)
@@ -72,6 +78,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict:
         valid_examples=valid,
         eval_batch_size=cfg.eval.batch_size,
         seed=cfg.seed,
+        item_text=ItemTextEncoder(tokenizer, encoder, dataset.item_text, cfg.task.item_text.max_text_tokens),
+        item_text_weights=cfg.task.item_text,
     )
     module = SeqRecModule(
         model,
@@ -97,13 +105,21 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict:
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         callbacks=callbacks,
-        logger=CSVLogger(output_dir, name="logs") if cfg.logger == "csv" else False,
+        logger=logger or False,
+        use_distributed_sampler=False,  # the datamodule shards batches itself, with no padded duplicates
         default_root_dir=output_dir,
         reload_dataloaders_every_n_epochs=1,
         num_sanity_val_steps=0,
         deterministic=True,
     )
+    if trainer.world_size > 1 and sweep_job() is not None:
+        raise ValueError(
+            "multi-process training cannot run inside a Hydra multirun (-m): Lightning relaunches train.py with the "
+            "sweep's command line for every extra process; run the jobs one at a time (e.g. a shell loop)"
+        )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if trainer.global_rank:  # DDP: the other processes stop after fit; rank 0 saves, tests and reports
+        return {}
     fit_seconds = time.perf_counter() - started
     for hook in dropout_hooks:
         hook.remove()
@@ -144,4 +160,5 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict:
         recommender.meta["model_dir"] = str(model_dir)
         method = method_config(cfg, cfg.compress)
         payload["compressed"] = compress_recommender(recommender, split, cfg, method, output_dir / "compress")
+    log_results(logger, payload, output_dir, "compress", step=trainer.global_step)
     return payload

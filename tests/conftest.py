@@ -1,5 +1,6 @@
 """Shared fixtures: Hydra configs composed from conf/ as the entry points do, a tiny model, synthetic data."""
 
+import os
 import random
 from pathlib import Path
 
@@ -8,6 +9,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 CONF = str(Path(__file__).parents[1] / "conf")
+# W&B is off in every test (before any wandb.init); the one offline-mode test lifts this for itself.
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["WANDB_SILENT"] = "true"
 
 TINY_MODEL = [
     "model.tokenizer_vocab=300",
@@ -20,9 +24,10 @@ TINY_MODEL = [
 ]
 
 
-def compose_config(overrides: list[str], config_name: str = "config"):
+def compose_config(overrides: list[str], config_name: str = "config", with_hydra: bool = False):
+    """``with_hydra``: keep the ``hydra`` node (sweeper params, run dirs), as a running entry point sees it."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=with_hydra)
 
 
 def write_synthetic_interactions(path: Path, users: int = 48, items: int = 24, seed: int = 0) -> Path:

@@ -26,7 +26,7 @@ from odllm.training import train
 CONF = Path(__file__).parents[1] / "conf" / "method"
 BASELINES = ["gptq", "gptq8", "sparsegpt", "sparsegpt24", "asvd", "bnb_int8", "bnb_nf4"]
 KIND = {"gptq": "gptq", "gptq8": "gptq", "sparsegpt": "sparse", "sparsegpt24": "sparse", "asvd": "lowrank",
-        "bnb_int8": "bnb_int8", "bnb_nf4": "bnb_nf4"}
+        "bnb_int8": "bnb_int8", "bnb_nf4": "bnb_nf4", "odllm_int8": "lowrank"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -176,6 +176,8 @@ def test_method_dispatch_names_the_choices():
     with pytest.raises(ValueError, match=r"has no setting \['bitz'\]; its settings: \['bits'"):
         build_algorithm({"name": "gptq", "bitz": 4})
     assert {algorithm_name(method(p.stem)) for p in CONF.glob("*.yaml")} == {"lowrank", "gptq", "sparsegpt", "bnb"}
+    with pytest.raises(ValueError, match="heal trains float factors"):
+        build_algorithm({"name": "odllm_int8", "factor_bits": 8, "heal": {"steps": 1}}, 0.5)
 
 
 # ---- every method on a tiny model: replaced modules, sizes, save and load -----------------------------------------
@@ -242,17 +244,26 @@ def trained(tmp_path_factory):
     return root, overrides, dense, split, dense_result
 
 
-@pytest.mark.parametrize("name", BASELINES)
-def test_each_baseline_runs_through_compress_recommender_and_reloads(trained, name):
+@pytest.mark.parametrize(("name", "embeddings"),
+                         [*((name, "null") for name in BASELINES), ("odllm_int8", "int8"), ("gptq", "int8")])
+def test_each_baseline_runs_through_compress_recommender_and_reloads(trained, name, embeddings):
     root, overrides, dense, split, dense_result = trained
-    cfg = compose_config([*overrides, f"method={name}"])
-    result = compress_recommender(dense, split, cfg, cfg.method, root / "runs" / name, dense_result)
-    saved = json.loads((root / "runs" / name / "metrics.json").read_text())
+    cfg = compose_config([*overrides, f"method={name}", f"method.embeddings={embeddings}"])
+    run_dir = root / "runs" / f"{name}-{embeddings}"
+    result = compress_recommender(dense, split, cfg, cfg.method, run_dir, dense_result)
+    saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved["test"]["invalid_beams"] == 0 and saved["method"]["name"] == name
     sizes = saved["sizes"]
     assert sizes["decoder_linear"]["bytes_after"] < sizes["decoder_linear"]["bytes_before"]
     assert sizes["disk"]["bytes_after"] < sizes["disk"]["bytes_before"]
     assert (result["ratio"] is None) is (KIND[name] != "lowrank")
+    report = json.loads((run_dir / "compression_report.json").read_text())
+    if embeddings == "int8":  # the int8 table and head are in the model's bytes, in memory and on disk
+        assert Path(result["model_dir"]).name.endswith("-emb8")
+        embedding_bytes = sum(e["bytes_before"] - e["bytes_after"] for e in report["embeddings"].values())
+        layers_only = sizes["model"]["bytes_before"] - sizes["decoder_linear"]["bytes_before"]
+        assert sizes["model"]["bytes_after"] == sizes["decoder_linear"]["bytes_after"] + layers_only - embedding_bytes
+        assert sizes["disk"]["bytes_after"] < sizes["model"]["bytes_after"] + 32_768
     reloaded = Recommender.load(result["model_dir"])
     assert reloaded.meta["compression"]["method"] == name
     again = score_examples(reloaded.model, reloaded.encoder, reloaded.trie(), split.test, cfg.eval,
@@ -304,20 +315,29 @@ def test_nf4_is_right_when_rows_are_not_whole_blocks():
     assert not module.native_kernels and error < 0.15
 
 
-def test_nested_compressed_modules_save_and_load(tmp_path, data):
-    """Quantized low-rank factors (odllm + int8): compression.json lists the factors under their own names."""
-    model = tiny_model(seed=5)
-    compress_with(model, data, {"name": "svd", "whiten": False, "align": False}, 0.5, progress=False)
-    for module in [m for m in model.modules() if isinstance(m, LowRankLinear)]:
-        for name in ("A", "B"):
-            factor = getattr(module, name)
-            codes, scales, zeros = rtn_quantize(factor.weight.detach(), 8, -1)
-            setattr(module, name, QuantLinear.from_codes(codes, scales, zeros, bits=8, group_size=-1,
-                                                         bias=factor.bias))
+@pytest.mark.parametrize("align", ["BA", False])
+def test_odllm_int8_stores_int8_factors_that_save_and_load(tmp_path, data, align):
+    """odllm + int8: every factor a packed QuantLinear (kind rtn), listed under its own name in compression.json."""
+    settings = {**method("odllm_int8"), "align": align}
+    model, floats = tiny_model(seed=5), tiny_model(seed=5)
+    report = compress_with(model, data, settings, 0.5, progress=False)
+    without = {key: value for key, value in settings.items() if key != "factor_bits"}  # the same, float32 factors
+    reference = compress_with(floats, data, without, 0.5, progress=False)
+    factors = [f for m in model.modules() if isinstance(m, LowRankLinear) for f in (m.A, m.B)]
+    assert len(factors) == 28 and all(isinstance(f, QuantLinear) and f.kind == "rtn" and f.bits == 8 for f in factors)
+    totals, float_totals = report["totals"]["decoder_linear"], reference["totals"]["decoder_linear"]
+    assert totals["bytes_after"] == sum(e["bytes_after"] for e in report["matrices"])
+    assert totals["params_after"] == float_totals["params_after"]  # the same numbers, in int8
+    assert 0.25 < totals["bytes_after"] / float_totals["bytes_after"] < 0.25 + 3 / 16  # + scale/zero per row
+    assert report["settings"]["factor_bits"] == 8 and "int8" in report["settings"]["storage"]
+    for mine, theirs in zip(report["layers"], reference["layers"], strict=True):  # int8 adds little error
+        assert mine["output_error"] < 1.5 * theirs["output_error"] + 1e-4
+        assert ("output_error_float_factors" in mine) is bool(align)
+
     model.save_pretrained(tmp_path, safe_serialization=True)
     save_compression_config(model, tmp_path)
     specs = json.loads((tmp_path / COMPRESSION_FILE).read_text())
-    assert specs["model.layers.0.self_attn.q_proj"] == 8 and specs["model.layers.0.self_attn.q_proj.A"]["bits"] == 8
+    assert specs["model.layers.0.self_attn.q_proj"] == 8 and specs["model.layers.0.self_attn.q_proj.A"]["kind"] == "rtn"
     loaded = load_compressed(tmp_path)
     assert isinstance(loaded.model.layers[1].mlp.down_proj.B, QuantLinear)
     assert all(torch.equal(logits(loaded, batch), logits(model, batch)) for batch in data)

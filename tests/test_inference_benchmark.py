@@ -22,13 +22,14 @@ from odllm.training import train
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A tiny trained model and its svd-r0.5 compression, saved under one models directory."""
+    """A tiny trained model, its svd-r0.5 compression and odllm + int8 with int8 embeddings, in one models directory."""
     from conftest import tiny_overrides
 
     root = tmp_path_factory.mktemp("inference")
     overrides = [*tiny_overrides(root), "trainer.max_epochs=1", "calibration.size=32", "calibration.batch_size=8"]
     train(compose_config(overrides), root / "train")
     compress(compose_config([*overrides, "ratio=0.5", "method=svd"]), root / "compress")
+    compress(compose_config([*overrides, "ratio=0.5", "method=odllm_int8", "method.embeddings=int8"]), root / "int8")
     return root, overrides
 
 
@@ -43,28 +44,31 @@ def unique_tensor_bytes(model: torch.nn.Module) -> int:
 def test_benchmark_end_to_end(models):
     root, overrides = models
     out = root / "bench" / "toy-inference"
-    cfg = compose_config([*overrides, "models=[svd-r0.5]", "threads=1", "repeats=2", "warmup=1", "latency_users=3",
-                          "throughput_users=8", "batch_size=4", "+batch_sizes={svd-r0.5: 8}", "profile=true",
-                          "profile_users=2", f"out={out}"], config_name="inference")
+    cfg = compose_config([*overrides, "models=[svd-r0.5,odllm_int8-r0.5-emb8]", "threads=1", "repeats=2", "warmup=1",
+                          "latency_users=3", "throughput_users=8", "batch_size=4", "+batch_sizes={svd-r0.5: 8}",
+                          "profile=true", "profile_users=2", "fuse=true", f"out={out}"], config_name="inference")
     payload = run_inference_benchmark(cfg)
 
     saved = json.loads(out.with_suffix(".json").read_text())
-    assert [row["label"] for row in saved["rows"]] == ["dense", "svd-r0.5"]
+    assert [row["label"] for row in saved["rows"]] == ["dense", "svd-r0.5", "odllm_int8-r0.5-emb8"]
     table = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ")]
-    assert len([line for line in table if line.startswith(("| dense", "| svd-r0.5"))]) == 2
+    assert len([line for line in table if line.startswith(("| dense", "| svd-r0.5", "| odllm_int8"))]) == 3
     assert out.with_suffix(".png").stat().st_size > 0
     profile = (root / "bench" / "toy-inference-profile.txt").read_text()
     assert "decoder linears" in profile and "if the decoder linears cost nothing" in profile
 
-    dense, low = payload["rows"]
+    dense, low, int8 = payload["rows"]
     assert all(value in (1, None) for value in dense["ratios"].values())  # dense against itself
     assert dense["ratios"]["latency"] == dense["ratios"]["memory_model"] == dense["ratios"]["disk_model"] == 1
     assert dense["latency_ratio"]["median"] == dense["cpu_ratio"]["median"] == dense["top10_overlap_with_dense"] == 1
     assert low["batch_size"] == 8 and dense["batch_size"] == 4
     assert len(low["latency_repeats_ms"]) == 2 and len(low["throughput_repeats"]) == 2
-    assert low["decoder_linear_classes"] == {"LowRankLinear": 7 * 2} and not low["simulated"]
+    assert low["decoder_linear_classes"] == {"LowRankLinear": 7 * 2} and not low["simulated"]  # as saved, not fused
+    assert low["fused_groups"] == dense["fused_groups"] == 2 * 2
     assert "lowrank" in low["description"] and "SIMULATED" not in low["description"]
     assert low["ratios"]["memory_decoder_linear"] < 0.55 < low["ratios"]["memory_model"] < 1
+    assert {"rtn", "quant_embedding", "quant_head"} <= set(int8["compression_kinds"]) and not int8["simulated"]
+    assert int8["ratios"]["memory_decoder_linear"] < 0.2 and int8["ratios"]["memory_model"] < 0.3
     for row in payload["rows"]:
         assert row["latency_ms"]["q1"] <= row["latency_ms"]["median"] <= row["latency_ms"]["q3"]
         assert row["maxrss_bytes"]["peak"] >= row["maxrss_bytes"]["batch1"] > 0 and saved["baseline_maxrss_bytes"] > 0
@@ -72,14 +76,14 @@ def test_benchmark_end_to_end(models):
         # bytes in memory = the parameters (and persistent buffers), tied weights once; on disk = the files
         assert row["memory_bytes"]["model"]["bytes"] == unique_tensor_bytes(model)
         linears = [m for layer in model.model.layers for m in (*layer.self_attn.children(), *layer.mlp.children())
-                   if list(m.parameters())]  # q, k, v, o, gate, up, down (the activation has no parameters)
+                   if list(m.state_dict())]  # q, k, v, o, gate, up, down (the activation holds nothing)
         assert len(linears) == 7 * 2
         assert row["memory_bytes"]["decoder_linear"]["bytes"] == sum(
-            p.numel() * p.element_size() for m in linears for p in m.parameters())
+            t.numel() * t.element_size() for m in linears for t in m.state_dict().values())
         files = list(Path(row["model_dir"]).glob("*.safetensors"))
         assert row["disk_bytes"]["model"]["bytes"] == sum(f.stat().st_size for f in files)
         assert 0 < row["disk_bytes"]["decoder_linear"]["bytes"] < row["disk_bytes"]["model"]["bytes"]
-    assert set(payload["profile"]) == {"dense", "svd-r0.5"}
+    assert set(payload["profile"]) == {"dense", "svd-r0.5", "odllm_int8-r0.5-emb8"}
 
 
 def test_simulated_compression_is_labelled(models, tmp_path):

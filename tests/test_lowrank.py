@@ -1,11 +1,15 @@
 """The math of one matrix: the whitened-SVD loss identity, ranks from ratios, singular covariances."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from odllm.lowrank import LowRankLinear, cholesky_with_jitter, factorize, rank_for_ratio
+
+CONF = Path(__file__).parents[1] / "conf" / "method"
 
 
 def correlated_inputs(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
@@ -124,3 +128,39 @@ def test_non_finite_covariance_is_an_error():
     C[1, 2] = math.nan
     with pytest.raises(ValueError, match="NaN"):
         cholesky_with_jitter(C)
+
+
+def test_int8_factors_round_trip_through_their_packed_storage():
+    g = torch.Generator().manual_seed(5)
+    B, A, x = torch.randn(24, 6, generator=g), torch.randn(6, 40, generator=g), torch.randn(3, 40, generator=g)
+    module = LowRankLinear.from_factors(B, A)
+    float_out = module(x)
+    module.quantize_factors(8)
+    assert module.rank == 6 and (module.in_features, module.out_features) == (40, 24)
+    assert [f.storage()["bytes"] for f in (module.A, module.B)] == [6 * (40 + 3), 24 * (6 + 3)]
+    for factor, weight in ((module.A, A), (module.B, B)):  # per row: half a step of its grid (+ float16 scale)
+        step = (weight.clamp(min=0).amax(1) - weight.clamp(max=0).amin(1)) / 255  # the grid always holds 0
+        assert ((factor.dequantized_weight() - weight).abs().amax(1) <= 0.6 * step).all()
+    torch.testing.assert_close(module(x), float_out, rtol=0, atol=0.02 * float_out.abs().max().item())
+
+
+@pytest.mark.parametrize("method", ["dense", "svd", "odllm_int8", "gptq"])
+def test_fused_projections_keep_the_logits(method):
+    """q/k/v and gate/up share one matmul (the A factors, or the weights) and compute the same function."""
+    from test_compression import batches, logits, sequences, tiny_model
+
+    from odllm.fusion import FusedMember, fuse_projections
+    from odllm.methods import compress_with
+
+    data = batches(sequences())
+    model = tiny_model(seed=6)
+    if method != "dense":
+        compress_with(model, data, OmegaConf.load(CONF / f"{method}.yaml"), 0.5, progress=False)
+    before = [logits(model, batch) for batch in data]
+    assert fuse_projections(model) == 2 * 2  # two groups per layer, two layers
+    assert all(isinstance(m, FusedMember) for layer in model.model.layers
+               for m in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.up_proj))
+    for batch, expected in zip(data, before, strict=True):
+        torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
+    shared = model.model.layers[0].self_attn.q_proj.shared
+    assert shared._input is None and shared._output is None  # no activation is held between calls
