@@ -14,8 +14,17 @@ from collections.abc import Sequence
 import torch
 from torchmetrics.retrieval import RetrievalHitRate, RetrievalNormalizedDCG
 
+CHUNK_USERS = 128  # users per torchmetrics call; see _per_user
+
 
 def _per_user(metric_cls, ranks: torch.Tensor, list_length: int, k: int) -> torch.Tensor:
+    """Per-user values, a chunk of users at a time: under ``torch.use_deterministic_algorithms`` (Lightning's
+    ``deterministic=True``) torchmetrics groups by query with a bincount fallback whose memory grows with
+    entries x queries (429 GB for Games' 50k test users in one call)."""
+    return torch.cat([_per_user_chunk(metric_cls, chunk, list_length, k) for chunk in ranks.split(CHUNK_USERS)])
+
+
+def _per_user_chunk(metric_cls, ranks: torch.Tensor, list_length: int, k: int) -> torch.Tensor:
     n = ranks.numel()
     width = list_length + 1
     preds = torch.arange(width, 0, -1, dtype=torch.float).repeat(n)
