@@ -92,8 +92,9 @@ def test_no_item_text_no_tasks():
     assert tokenizer_corpus(TEXT, {"item2index": 0.0}) == [*SEQREC_TEMPLATES, *TEXT.values()]  # as without the tasks
 
 
-def test_defaults_on_for_ml100k_only_and_training_runs_with_the_tasks(tmp_path, tiny_run_overrides):
-    assert compose_config([]).task.item_text.item2index == 1.0  # ml-100k: titles, years and genres
+def test_defaults_off_and_training_runs_with_the_tasks(tmp_path, tiny_run_overrides):
+    assert compose_config([]).task.item_text.item2index == 0.0  # off until measured over seeds
+    assert compose_config(["dataset.item_text_tasks=1.0"]).task.item_text.index2item == 1.0
     assert compose_config(["dataset=instruments"]).task.item_text.index2item == 0.0
     assert compose_config(tiny_run_overrides).task.item_text.item2index == 0.0
     cfg = compose_config([*tiny_run_overrides, "trainer.max_epochs=1", "task.item_text.item2index=1.0",
