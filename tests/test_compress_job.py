@@ -75,3 +75,27 @@ def test_benchmark_table_matches_runs(tmp_path, trained):
     assert payload["test_users"] == odllm_run["test"]["users"] == odllm_run["dense"]["users"] == 30
     assert "random subset" in table[0]
     assert f"{odllm_run['test']['metrics']['ndcg@10']['value']:.4f}" in table[5]
+
+
+def test_benchmark_resumes_from_its_stored_rows(tmp_path, trained, monkeypatch):
+    import odllm.benchmark as benchmark
+
+    computed = []
+    real = benchmark.compress_recommender
+    monkeypatch.setattr(benchmark, "compress_recommender",
+                        lambda dense, split, cfg, method, *a: computed.append((method.name, cfg.ratio))
+                        or real(dense, split, cfg, method, *a))
+
+    def run(*overrides):
+        cfg = compose_config([*trained, "bench.methods=[svd]", f"bench.out={tmp_path}/b", "bench.test_users=20",
+                              *overrides], config_name="benchmark")
+        return benchmark.run_benchmark(cfg, tmp_path / "runs")
+
+    first = run("bench.ratios=[0.4]")
+    again = run("bench.ratios=[0.4,0.6]")  # a stopped or extended sweep: only the new setting is computed
+    assert computed == [("svd", 0.4), ("svd", 0.6)]
+    assert again["runs"][0] == first["runs"][0] and again["dense"] == first["dense"]
+    assert again["runs"][1]["fidelity"]["kl"] > 0  # the stored dense beams still serve the new row's overlap
+    run("bench.ratios=[0.4]", "bench.test_users=15")  # another protocol: nothing is reused
+    run("bench.ratios=[0.4]", "bench.test_users=15", "bench.resume=false")
+    assert computed[2:] == [("svd", 0.4), ("svd", 0.4)]
