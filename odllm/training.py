@@ -93,7 +93,9 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
         ks=tuple(cfg.eval.ks),
     )
     checkpoint = ModelCheckpoint(
-        dirpath=output_dir / "checkpoints",
+        # a resumed run keeps writing beside the checkpoint it resumes: Lightning restores the best score only
+        # for the same directory, and without it the best epoch before the stop could be lost
+        dirpath=Path(cfg.ckpt_path).parent if cfg.ckpt_path else output_dir / "checkpoints",
         filename="best",
         monitor="val/ndcg@10",
         mode="max",

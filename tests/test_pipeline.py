@@ -35,6 +35,9 @@ def test_same_seed_same_metrics_and_resume(tmp_path, tiny_run_overrides):
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     resumed = train(compose_config([*tiny_run_overrides, "trainer.max_epochs=3", f"ckpt_path={ckpt}"]), tmp_path / "c")
     assert resumed["epochs_run"] == 3
+    # the best epoch before the stop still competes: the resumed run writes beside the checkpoint it resumed
+    assert resumed["best_valid_ndcg@10"] >= first["best_valid_ndcg@10"] > 0
+    assert not (tmp_path / "c" / "checkpoints").exists()
 
 
 def test_missing_model_dir_is_a_clear_error(tmp_path, tiny_run_overrides):
