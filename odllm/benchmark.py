@@ -21,7 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from odllm.compress_job import compress_recommender, load_dense, method_config
-from odllm.evaluation import public, score_examples, write_json
+from odllm.evaluation import public, score_examples
+from odllm.files import write_file_atomically, write_json, write_text
 from odllm.generation import Recommendations
 from odllm.methods import model_tag, uses_ratio
 from odllm.recommender import Recommender
@@ -44,7 +45,8 @@ def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
     if dense_result is None:
         dense_result = score_examples(dense.model, dense.encoder, dense.trie(), split.test, cfg.eval, pad_id, "dense")
         recommendations = dataclasses.asdict(dense_result["_recommendations"])
-        save_atomic({"result": public(dense_result), "recommendations": recommendations}, out.with_suffix(".dense.pt"))
+        stored = {"result": public(dense_result), "recommendations": recommendations}
+        write_file_atomically(out.with_suffix(".dense.pt"), lambda tmp: torch.save(stored, tmp))
     payload = {
         "dataset": cfg.dataset.name,
         "test_users": len(split.test),
@@ -63,14 +65,16 @@ def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
         run_dir = Path(output_dir) / "-".join(filter(None, [method.name, model_tag(method, ratio)]))
         run = compress_recommender(dense, split, run_cfg, method, run_dir, dense_result)
         payload["runs"].append({k: run[k] for k in RUN_KEYS})
-        write_json(out.with_suffix(".json"), payload)  # after every run: a stopped sweep resumes from here
-        out.with_suffix(".md").write_text(markdown_table(payload))
-        frontier_plot(payload, out.with_suffix(".png"))
-    write_json(out.with_suffix(".json"), payload)
-    out.with_suffix(".md").write_text(markdown_table(payload))
-    frontier_plot(payload, out.with_suffix(".png"))
+        write_outputs(out, payload)  # after every run: a stopped sweep resumes from here
+    write_outputs(out, payload)  # also when every row was reused
     log.info("benchmark written to %s.{json,md,png}", out)
     return payload
+
+
+def write_outputs(out: Path, payload: dict) -> None:
+    write_json(out.with_suffix(".json"), payload)
+    write_text(out.with_suffix(".md"), markdown_table(payload))
+    frontier_plot(payload, out.with_suffix(".png"))
 
 
 def run_protocol(cfg: DictConfig, dense: Recommender, test_users: int) -> dict:
@@ -107,13 +111,6 @@ def previous_results(out: Path, protocol: dict) -> tuple[dict[str, dict], dict |
     dense_result = {**stored["result"], "_recommendations": Recommendations(**stored["recommendations"])}
     log.info("resuming %s: %d stored rows and the dense evaluation", path, len(previous["runs"]))
     return {run_key(run["method"], run["ratio"]): run for run in previous["runs"]}, dense_result
-
-
-def save_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def settings(cfg: DictConfig) -> list[tuple[float, DictConfig]]:

@@ -26,8 +26,8 @@ from odllm.evaluation import (
     popularity_baseline,
     public,
     score_examples,
-    write_json,
 )
+from odllm.files import write_json
 from odllm.generation import left_pad
 from odllm.heal import heal
 from odllm.loggers import log_results, run_logger

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from odllm.compression import compress_model, decoder_layers
+from odllm.files import write_json, write_text
 from odllm.generation import left_pad
 
 log = logging.getLogger(__name__)
@@ -219,14 +220,6 @@ def markdown_tables(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Temp file + rename, so a killed run never leaves a truncated file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run(out: str | Path, sizes: list[str], calibration: list[int], timeout: float = 1800) -> list[dict]:
     """Measures every planned configuration in its own subprocess and writes ``<out>.json`` and ``<out>.md``."""
     unknown = set(sizes) - SIZES.keys()
@@ -240,8 +233,8 @@ def run(out: str | Path, sizes: list[str], calibration: list[int], timeout: floa
         log.info("  %.1f s, peak ΔRSS %.0f MiB", records[-1]["seconds"], records[-1]["peak_rss_delta_mib"])
         payload = {"note": NOTE, "ratio": RATIO, "sequence_length": SEQ_LEN, "batch_size": BATCH_SIZE,
                    "records": records}
-        _write_atomic(out.with_suffix(".json"), json.dumps(payload, indent=2))  # after every run: partial results
-        _write_atomic(out.with_suffix(".md"), markdown_tables(records))
+        write_json(out.with_suffix(".json"), payload)  # after every run: partial results
+        write_text(out.with_suffix(".md"), markdown_tables(records))
     return records
 
 

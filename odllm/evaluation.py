@@ -7,7 +7,6 @@ most-popular-items ranking on the same split is reported beside it as a floor.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -18,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from odllm.data import Example, Split, leave_one_out, load_dataset
+from odllm.files import write_json
 from odllm.generation import ItemTrie, left_pad, recommend
 from odllm.loggers import log_results, run_logger
 from odllm.metrics import format_metrics, ranking_metrics
@@ -107,15 +107,6 @@ def popularity_baseline(split: Split, encoder: SeqRecEncoder, examples: Sequence
 
 def public(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
-
-
-def write_json(path: str | Path, payload: dict) -> None:
-    """Atomic JSON write (temp file + rename), so a killed run never leaves a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
 
 
 def check_items(rec: Recommender, split: Split, model_dir: Path, dataset: str) -> None:

@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from odllm.data import Dataset, leave_one_out, load_dataset
-from odllm.evaluation import write_json
+from odllm.files import write_json
 from odllm.item_embeddings import collaborative_embeddings, text_embeddings
 from odllm.items import INDEX_SUFFIX
 from odllm.rqvae import RQVAE, train_rqvae

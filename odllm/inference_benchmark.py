@@ -471,7 +471,7 @@ def _ratios(row: dict, dense: dict) -> dict:
 
 
 def run_inference_benchmark(cfg: DictConfig) -> dict:
-    from odllm.evaluation import write_json
+    from odllm.files import write_json
 
     if cfg.repeats < 1 or cfg.latency_users < 1 or cfg.throughput_users < 1 or cfg.threads < 1:
         raise ValueError("repeats, latency_users, throughput_users and threads must all be >= 1")

@@ -30,7 +30,7 @@ import hydra
 from omegaconf import DictConfig
 
 from odllm.data import DataError, order_events
-from odllm.evaluation import write_json
+from odllm.files import write_json
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,6 @@ run never leaves a half-written model where a good one was.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,31 +15,13 @@ import torch
 from transformers import AutoTokenizer
 
 from odllm.compression import load_compressed
+from odllm.files import write_directory_atomically
 from odllm.generation import ItemTrie, recommend
 from odllm.items import ItemCodes
 from odllm.prompts import SeqRecEncoder
 
 META_FILE = "odllm.json"
 
-
-def write_directory_atomically(target: str | Path, write: Callable[[Path], None]) -> Path:
-    """Calls ``write(tmp_dir)`` and swaps the result into ``target``; the old one is removed only after."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(tmp)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return target
 
 
 @dataclass

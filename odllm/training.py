@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from odllm.compress_job import compress_recommender, method_config
 from odllm.data import leave_one_out, load_dataset
 from odllm.datamodule import SeqRecDataModule
-from odllm.evaluation import latest_model_dir, popularity_baseline, public, score_examples, write_json
+from odllm.evaluation import latest_model_dir, popularity_baseline, public, score_examples
+from odllm.files import write_json
 from odllm.items import item_codes_for
 from odllm.loggers import log_results, run_logger, sweep_job
 from odllm.lowrank import check_ratio
