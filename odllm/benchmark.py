@@ -26,6 +26,7 @@ from odllm.files import write_file_atomically, write_json, write_text
 from odllm.generation import Recommendations
 from odllm.methods import model_tag, uses_ratio
 from odllm.recommender import Recommender
+from odllm.report import metric_cell, setting
 
 log = logging.getLogger(__name__)
 METRICS = ("hr@5", "hr@10", "ndcg@5", "ndcg@10")
@@ -123,10 +124,6 @@ def settings(cfg: DictConfig) -> list[tuple[float, DictConfig]]:
     return pairs + [(cfg.ratio, m) for m in methods if not uses_ratio(m)]
 
 
-def _cell(metrics: dict, name: str) -> str:
-    return f"{metrics[name]['value']:.4f} ± {metrics[name]['stderr']:.4f}"
-
-
 def markdown_table(payload: dict) -> str:
     """One row per model; bytes are those held in memory, whole model = embeddings and lm_head included."""
     head = [
@@ -143,7 +140,7 @@ def markdown_table(payload: dict) -> str:
     lines = [f"{payload['dataset']}, {users}, 20 beams", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     first = payload["runs"][0]["sizes"] if payload["runs"] else None
     dense_mb = f"{first['model']['bytes_before'] / 1e6:.2f}" if first else "-"
-    dense_cells = ["dense", "-", "100%", dense_mb, *(_cell(payload["dense"]["metrics"], m) for m in METRICS)]
+    dense_cells = ["dense", "-", "100%", dense_mb, *(metric_cell(payload["dense"]["metrics"], m) for m in METRICS)]
     lines.append("| " + " | ".join([*dense_cells, "0", "1", "float32"]) + " |")
     for run in payload["runs"]:
         sizes = run["sizes"]
@@ -152,7 +149,7 @@ def markdown_table(payload: dict) -> str:
             _setting(run),
             f"{sizes['decoder_linear']['bytes_kept']:.1%}",
             f"{sizes['model']['bytes_after'] / 1e6:.2f}",
-            *(_cell(run["test"]["metrics"], m) for m in METRICS),
+            *(metric_cell(run["test"]["metrics"], m) for m in METRICS),
             f"{run['fidelity']['kl']:.4f}",
             f"{run['fidelity']['top10_overlap']:.3f}",
             _storage_cell(run),
@@ -163,9 +160,7 @@ def markdown_table(payload: dict) -> str:
 
 def _setting(run: dict) -> str:
     """The ratio of a low-rank run, else the method's own tag (w4g16, 2of4, ...); + int8 emb."""
-    method = {**run["method"], "embeddings": None}
-    setting = f"{run['ratio']:g}" if uses_ratio(method) else (model_tag(method, None) or "defaults")
-    return setting + _embeddings(run)
+    return setting({**run["method"], "embeddings": None}, run["ratio"]) + _embeddings(run)
 
 
 def _embeddings(run: dict) -> str:

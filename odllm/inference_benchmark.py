@@ -471,7 +471,7 @@ def _ratios(row: dict, dense: dict) -> dict:
 
 
 def run_inference_benchmark(cfg: DictConfig) -> dict:
-    from odllm.files import write_json
+    from odllm.files import write_json, write_text
 
     if cfg.repeats < 1 or cfg.latency_users < 1 or cfg.throughput_users < 1 or cfg.threads < 1:
         raise ValueError("repeats, latency_users, throughput_users and threads must all be >= 1")
@@ -539,14 +539,13 @@ def run_inference_benchmark(cfg: DictConfig) -> dict:
     if profiles:
         payload["profile"] = {label: p["breakdown"] for label, p in profiles.items()}
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out.with_suffix(".json"), payload)
-    out.with_suffix(".md").write_text(markdown_report(payload))
+    write_text(out.with_suffix(".md"), markdown_report(payload))
     plot(payload, out.with_suffix(".png"))
     if profiles:
         from odllm.inference_profile import profile_report
 
-        Path(f"{out}-profile.txt").write_text(profile_report(payload, {k: p["operators"] for k, p in profiles.items()}))
+        write_text(f"{out}-profile.txt", profile_report(payload, {k: p["operators"] for k, p in profiles.items()}))
     log.info("inference benchmark written to %s.{json,md,png}%s in %.0f s", out,
              " and -profile.txt" if profiles else "", payload["seconds"])
     return payload

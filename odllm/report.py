@@ -141,7 +141,7 @@ def _order(value) -> tuple:
     return (0, value, "") if isinstance(value, int | float) else (1, 0, str(value))
 
 
-def _cell(metrics: dict, name: str) -> str:
+def metric_cell(metrics: dict, name: str) -> str:
     """``value ± stderr`` as the runs log it; "-" for a K the run did not score (``eval.ks``)."""
     return f"{metrics[name]['value']:.4f} ± {metrics[name]['stderr']:.4f}" if name in metrics else "-"
 
@@ -166,7 +166,7 @@ def markdown(rows: Sequence[Row], files: int, sources: Sequence[str | Path], plo
             for row in sorted(runs, key=lambda r: (_order(r.ratio), [_order(r.config.get(k)) for k in keys])):
                 mb = None if row.model_bytes is None else row.model_bytes / 1e6
                 cells = [method, row.setting, ", ".join(f"{k}={row.config.get(k)}" for k in keys) or "-",
-                         _optional(mb, ".2f"), *(_cell(row.metrics, m) for m in METRICS),
+                         _optional(mb, ".2f"), *(metric_cell(row.metrics, m) for m in METRICS),
                          _optional(row.kl, ".4f"), _optional(row.overlap, ".3f"), str(row.users),
                          f"`{row.path.parent}`"]
                 lines.append("| " + " | ".join(cells) + " |")
