@@ -13,7 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
@@ -105,6 +105,12 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
     callbacks = [checkpoint]
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStopping("val/ndcg@10", mode="max", patience=cfg.train.early_stopping_patience))
+    if cfg.train.ema_decay:
+        if not 0 < cfg.train.ema_decay < 1:
+            raise ValueError(f"train.ema_decay={cfg.train.ema_decay} must lie in (0, 1), e.g. 0.99; null turns it off")
+        # validation, checkpoints and the saved model all see the average, so early stopping and the best
+        # epoch are judged on the weights that are kept
+        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         callbacks=callbacks,

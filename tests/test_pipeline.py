@@ -44,3 +44,21 @@ def test_missing_model_dir_is_a_clear_error(tmp_path, tiny_run_overrides):
     cfg = compose_config([*tiny_run_overrides, f"model_dir={tmp_path / 'nowhere'}"])
     with pytest.raises(FileNotFoundError, match="run `python train.py"):
         evaluate(cfg, tmp_path / "eval")
+
+
+def test_weight_average_is_what_gets_validated_and_saved(tmp_path, tiny_run_overrides):
+    import torch
+    from safetensors.torch import load_file
+
+    train(compose_config([*tiny_run_overrides, "train.ema_decay=0.9"]), tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    average, current = ckpt["state_dict"], ckpt["current_model_state"]
+    name = "model.model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(average[name], current[name])  # the average differs from the last step's weights
+    saved = load_file(tmp_path / "models" / "toy" / "model.safetensors")
+    assert torch.equal(saved[name.removeprefix("model.")], average[name])
+
+
+def test_ema_decay_outside_its_range_is_a_clear_error(tmp_path, tiny_run_overrides):
+    with pytest.raises(ValueError, match="ema_decay"):
+        train(compose_config([*tiny_run_overrides, "train.ema_decay=1.0"]), tmp_path / "run")
