@@ -59,8 +59,9 @@ def test_heal_moves_a_perturbed_model_towards_the_teacher(one_thread):
 def test_compress_with_heal_end_to_end(tmp_path, tiny_run_overrides):
     from odllm.training import train
 
+    # untied, as the Instruments models that healing is for (a tied toy model compresses almost losslessly here)
     overrides = [*tiny_run_overrides, "trainer.max_epochs=1", "calibration.size=32", "calibration.batch_size=8",
-                 "ratio=0.3"]
+                 "ratio=0.3", "model.config.tie_word_embeddings=false"]
     train(compose_config(overrides), tmp_path / "train")
     plain = compress(compose_config([*overrides, "method=odllm"]), tmp_path / "plain")
     healed = compress(compose_config([*overrides, "method=odllm_heal", "method.heal.steps=20",
