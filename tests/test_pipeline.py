@@ -50,13 +50,20 @@ def test_weight_average_is_what_gets_validated_and_saved(tmp_path, tiny_run_over
     import torch
     from safetensors.torch import load_file
 
-    train(compose_config([*tiny_run_overrides, "train.ema_decay=0.9"]), tmp_path / "run")
+    overrides = [*tiny_run_overrides, "train.ema_decay=0.9"]
+    train(compose_config(overrides), tmp_path / "run")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
     average, current = ckpt["state_dict"], ckpt["current_model_state"]
     name = "model.model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(average[name], current[name])  # the average differs from the last step's weights
     saved = load_file(tmp_path / "models" / "toy" / "model.safetensors")
     assert torch.equal(saved[name.removeprefix("model.")], average[name])
+    # resuming restores the weights and their average; the third epoch keeps averaging
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    resumed = train(compose_config([*overrides, "trainer.max_epochs=3", f"ckpt_path={last}"]), tmp_path / "resumed")
+    assert resumed["epochs_run"] == 3
+    after = torch.load(last, map_location="cpu", weights_only=False)
+    assert after["epoch"] == 2 and not torch.equal(after["state_dict"][name], after["current_model_state"][name])
 
 
 def test_ema_decay_outside_its_range_is_a_clear_error(tmp_path, tiny_run_overrides):
