@@ -44,6 +44,8 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
     if cfg.compress:  # fail before training, not after
         check_ratio(cfg.ratio)
         method_config(cfg, cfg.compress)
+    if cfg.train.ema_decay is not None and not 0 < cfg.train.ema_decay < 1:
+        raise ValueError(f"train.ema_decay={cfg.train.ema_decay} must lie in (0, 1), e.g. 0.995; null turns it off")
     L.seed_everything(cfg.seed, workers=True)
     started = time.perf_counter()
 
@@ -106,8 +108,6 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStopping("val/ndcg@10", mode="max", patience=cfg.train.early_stopping_patience))
     if cfg.train.ema_decay:
-        if not 0 < cfg.train.ema_decay < 1:
-            raise ValueError(f"train.ema_decay={cfg.train.ema_decay} must lie in (0, 1), e.g. 0.99; null turns it off")
         # validation, checkpoints and the saved model all see the average, so early stopping and the best
         # epoch are judged on the weights that are kept
         callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
