@@ -23,7 +23,6 @@ from odllm.prompts import SeqRecEncoder
 META_FILE = "odllm.json"
 
 
-
 @dataclass
 class Recommender:
     model: torch.nn.Module
