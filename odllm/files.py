@@ -15,8 +15,11 @@ def write_file_atomically(path: str | Path, write: Callable[[Path], object]) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no stray temp file (as the directory variant)
 
 
 def write_directory_atomically(target: str | Path, write: Callable[[Path], None]) -> Path:
