@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from odllm.compress_job import compress
+from odllm.runner.compress import compress
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

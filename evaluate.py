@@ -4,7 +4,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from odllm.evaluation import evaluate
+from odllm.runner.evaluate import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -4,7 +4,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from odllm.training import train
+from odllm.runner.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

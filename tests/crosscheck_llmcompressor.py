@@ -28,8 +28,8 @@ from compressed_tensors.quantization import QuantizationArgs  # noqa: E402
 from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight  # noqa: E402
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight  # noqa: E402
 
-from odllm.gptq import gptq_quantize, weighted_error  # noqa: E402
-from odllm.sparsegpt import sparsegpt_prune  # noqa: E402
+from odllm.compress.gptq import gptq_quantize, weighted_error  # noqa: E402
+from odllm.compress.sparsegpt import sparsegpt_prune  # noqa: E402
 
 torch.manual_seed(0)
 m, n, T, BLOCK = 48, 128, 2000, 64

@@ -11,17 +11,19 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from test_compression import batches, logits, sequences, tiny_model
 
-from odllm.compress_job import compress, compress_recommender, load_dense
-from odllm.compression import COMPRESSION_FILE, _factorise_linear, load_compressed, save_compression_config
-from odllm.evaluation import score_examples
-from odllm.gptq import GPTQ, gptq_quantize, hessian, weighted_error
-from odllm.lowrank import LowRankLinear
-from odllm.methods import algorithm_name, build_algorithm, compress_with
-from odllm.quantization import QuantLinear, pack_bits, pack_int4, rtn_quantize, unpack_bits, unpack_int4
-from odllm.recommender import Recommender
-from odllm.sparse import SparseLinear
-from odllm.sparsegpt import sparsegpt_prune
-from odllm.training import train
+from odllm.compress.gptq import GPTQ, gptq_quantize, hessian, weighted_error
+from odllm.compress.lowrank import LowRankLinear
+from odllm.compress.lowrank_method import factorise_linear
+from odllm.compress.pipeline import compress_recommender, load_dense
+from odllm.compress.quant import QuantLinear, pack_bits, pack_int4, rtn_quantize, unpack_bits, unpack_int4
+from odllm.compress.registry import algorithm_name, build_algorithm, compress_with
+from odllm.compress.saved import load_compressed, load_recommender, save_compression_config
+from odllm.compress.sparse import SparseLinear
+from odllm.compress.sparsegpt import sparsegpt_prune
+from odllm.eval.protocol import score_examples
+from odllm.model.recommender import COMPRESSION_FILE
+from odllm.runner.compress import compress
+from odllm.runner.train import train
 
 CONF = Path(__file__).parents[1] / "conf" / "method"
 BASELINES = ["gptq", "gptq8", "sparsegpt", "sparsegpt24", "asvd", "bnb_int8", "bnb_nf4"]
@@ -161,12 +163,12 @@ def test_asvd_is_a_scaling_choice_of_the_one_factorise_path():
     linear = torch.nn.Linear(40, 24, bias=False, dtype=torch.float64)
     linear.weight.data = W
     abs_mean = torch.rand(40, dtype=torch.float64) + 0.1
-    module, entry, sigma = _factorise_linear("x", linear, C, 0.5, "asvd", abs_mean, alpha=0.5)
+    module, entry, sigma = factorise_linear("x", linear, C, 0.5, "asvd", abs_mean, alpha=0.5)
     assert isinstance(module, LowRankLinear) and entry["rank"] == math.floor(0.5 * 24 * 40 / 64)
     S = torch.diag(abs_mean.sqrt() + 1e-6 * abs_mean.sqrt().max())
     D = W - module.B.weight @ module.A.weight
     assert (D @ S).square().sum().item() == pytest.approx(entry["predicted_error"], rel=1e-6)  # truncation in W S
-    plain, _, _ = _factorise_linear("x", linear, C, 0.5, False)
+    plain, _, _ = factorise_linear("x", linear, C, 0.5, False)
     assert not torch.allclose(plain.A.weight, module.A.weight)
 
 
@@ -264,7 +266,7 @@ def test_each_baseline_runs_through_compress_recommender_and_reloads(trained, na
         layers_only = sizes["model"]["bytes_before"] - sizes["decoder_linear"]["bytes_before"]
         assert sizes["model"]["bytes_after"] == sizes["decoder_linear"]["bytes_after"] + layers_only - embedding_bytes
         assert sizes["disk"]["bytes_after"] < sizes["model"]["bytes_after"] + 32_768
-    reloaded = Recommender.load(result["model_dir"])
+    reloaded = load_recommender(result["model_dir"])
     assert reloaded.meta["compression"]["method"] == name
     again = score_examples(reloaded.model, reloaded.encoder, reloaded.trie(), split.test, cfg.eval,
                            reloaded.tokenizer.pad_token_id, name)
@@ -281,7 +283,7 @@ def test_compress_py_path_names_the_model_by_its_settings(trained, tmp_path):
 
 
 def test_nf4_fast_cpu_layout_saves_and_loads_and_odd_shapes_fall_back(tmp_path):
-    from odllm.bnb import NF4Linear
+    from odllm.compress.bnb import NF4Linear
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 128)
@@ -302,7 +304,7 @@ def test_nf4_fast_cpu_layout_saves_and_loads_and_odd_shapes_fall_back(tmp_path):
 
 def test_nf4_is_right_when_rows_are_not_whole_blocks():
     """bitsandbytes' native CPU NF4 dequantization misplaces the absmax when in_features % blocksize != 0."""
-    from odllm.bnb import NF4Linear
+    from odllm.compress.bnb import NF4Linear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 32)  # 96 = 1.5 blocks of 64 per row

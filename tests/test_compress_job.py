@@ -5,9 +5,9 @@ import json
 import pytest
 from conftest import compose_config
 
-from odllm.compress_job import compress
-from odllm.evaluation import evaluate
-from odllm.training import train
+from odllm.runner.compress import compress
+from odllm.runner.evaluate import evaluate
+from odllm.runner.train import train
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_unknown_method_named_by_train_fails_before_training(tmp_path, tiny_run_
 
 
 def test_benchmark_table_matches_runs(tmp_path, trained):
-    from odllm.benchmark import run_benchmark
+    from odllm.bench.compression import run_benchmark
 
     cfg = compose_config([*trained, "bench.methods=[odllm,svd,gptq]", "bench.ratios=[0.4,0.6]",
                           f"bench.out={tmp_path}/b", "bench.test_users=30"],
@@ -78,7 +78,7 @@ def test_benchmark_table_matches_runs(tmp_path, trained):
 
 
 def test_benchmark_resumes_from_its_stored_rows(tmp_path, trained, monkeypatch):
-    import odllm.benchmark as benchmark
+    import odllm.bench.compression as benchmark
 
     computed = []
     real = benchmark.compress_recommender

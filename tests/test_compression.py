@@ -8,16 +8,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import odllm.compression as compression
-from odllm.calibration import InputCovariances
-from odllm.compression import (
-    COMPRESSION_FILE,
-    compress_model,
-    load_compressed,
-    plot_spectra,
-    save_compression_config,
-)
-from odllm.lowrank import LowRankLinear
+import odllm.compress.driver as compression
+from odllm.compress.lowrank import LowRankLinear
+from odllm.compress.lowrank_method import compress_model
+from odllm.compress.saved import load_compressed, save_compression_config
+from odllm.compress.spectra import plot_spectra
+from odllm.compress.statistics import InputCovariances
+from odllm.model.recommender import COMPRESSION_FILE
 
 VOCAB, PAD = 50, 0
 
@@ -176,7 +173,7 @@ def test_a_layer_whose_refit_hurts_is_reverted(monkeypatch, dense, data):
             module.B.weight.mul_(3.0)
         return {name: {"refit_kept": True} for name in group}
 
-    monkeypatch.setattr(compression, "_refit_group", harmful_refit)
+    monkeypatch.setattr(compression, "refit_group", harmful_refit)
     model, report = compressed(dense, data, ratio=0.5, whiten=True, align="BA")
     reference, _ = compressed(dense, data, ratio=0.5, whiten=True, align=False)
     for layer in report["layers"]:
@@ -228,7 +225,7 @@ def test_dead_input_channel_is_whitened_with_jitter_and_logged(caplog, data):
     dense = tiny_model(seed=2)
     with torch.no_grad():
         dense.model.embed_tokens.weight[:, 3] = 0.0  # layer 0 never sees input channel 3
-    with caplog.at_level(logging.INFO, logger="odllm.compression"):
+    with caplog.at_level(logging.INFO, logger="odllm.compress.driver"):
         model, report = compressed(dense, data, ratio=0.5, whiten=True, align="BA")
     q_proj = next(e for e in report["matrices"] if e["name"] == "model.layers.0.self_attn.q_proj")
     assert q_proj["jitter"] > 0 and "model.layers.0.self_attn.q_proj" in caplog.text

@@ -2,7 +2,7 @@
 
 import torch
 
-from odllm.compression_cost import SIZE_SWEEP_N, SWEEP_SIZE, TINY, markdown_tables, measure, plan
+from odllm.bench.cost import SIZE_SWEEP_N, SWEEP_SIZE, TINY, markdown_tables, measure, plan
 
 
 def test_measure_records_sane_costs():

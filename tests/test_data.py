@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from odllm.data import DataError, leave_one_out, load_dataset
-from odllm.fetch import grouplens_to_atomic, recbole_files
+from odllm.data.dataset import leave_one_out, load_dataset
+from odllm.data.fetch import grouplens_to_atomic, recbole_files
+from odllm.data.readers import DataError
 
 SHARED = Path(os.environ.get("ODLLM_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
 

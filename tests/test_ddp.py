@@ -12,9 +12,10 @@ from types import SimpleNamespace
 import pytest
 from conftest import compose_config
 
-from odllm.data import Example
-from odllm.datamodule import LengthGroupedBatches, SeqRecDataModule
-from odllm.training import train
+from odllm.data.batches import LengthGroupedBatches
+from odllm.data.datamodule import SeqRecDataModule
+from odllm.data.dataset import Example
+from odllm.runner.train import train
 
 ROOT = Path(__file__).parents[1]
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from test_compression import batches, logits, sequences, tiny_model
 
-from odllm.compression import COMPRESSION_FILE, load_compressed, save_compression_config
-from odllm.embeddings import QuantEmbedding, QuantHead, TiedHead, compress_embeddings
-from odllm.methods import build_algorithm, compress_with
+from odllm.compress.embeddings import QuantEmbedding, QuantHead, TiedHead, compress_embeddings
+from odllm.compress.registry import build_algorithm, compress_with
+from odllm.compress.saved import load_compressed, save_compression_config
+from odllm.model.recommender import COMPRESSION_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,7 +3,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from odllm.generation import ItemTrie, beam_search, rank_of, recommend
+from odllm.eval.generation import ItemTrie, beam_search, rank_of, recommend
 
 V = 40
 

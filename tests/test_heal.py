@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_config
 
-from odllm.compress_job import compress
-from odllm.heal import distillation_kl, heal
-from odllm.prompts import IGNORE_INDEX, Sample
+from odllm.compress.heal import distillation_kl, heal
+from odllm.data.batches import IGNORE_INDEX, Sample
+from odllm.runner.compress import compress
 
 
 def test_distillation_kl_hand_case():
@@ -24,7 +24,7 @@ def test_distillation_kl_hand_case():
 
 
 def _mean_kl(student, teacher, samples):
-    from odllm.datamodule import collate_right
+    from odllm.data.batches import collate_right
 
     batch = collate_right(samples, pad_id=0)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
@@ -57,7 +57,7 @@ def test_heal_moves_a_perturbed_model_towards_the_teacher(one_thread):
 
 
 def test_compress_with_heal_end_to_end(tmp_path, tiny_run_overrides):
-    from odllm.training import train
+    from odllm.runner.train import train
 
     # untied, as the Instruments models that healing is for (a tied toy model compresses almost losslessly here)
     overrides = [*tiny_run_overrides, "trainer.max_epochs=1", "calibration.size=32", "calibration.batch_size=8",

@@ -8,12 +8,13 @@ import torch
 from conftest import compose_config, tiny_overrides, write_synthetic_interactions
 from omegaconf import OmegaConf
 
-from odllm.data import DataError, Dataset, leave_one_out
-from odllm.index import build_index, disambiguate, item_embeddings, uniform_mapping
-from odllm.item_embeddings import text_embeddings, text_encoder_dir
-from odllm.items import item_codes_for, learned_index_path
-from odllm.rqvae import RQVAE, sinkhorn, train_rqvae
-from odllm.training import train
+from odllm.data.dataset import Dataset, leave_one_out
+from odllm.data.items import item_codes_for, learned_index_path
+from odllm.data.readers import DataError
+from odllm.index.build import build_index, disambiguate, item_embeddings, uniform_mapping
+from odllm.index.embeddings import text_embeddings, text_encoder_dir
+from odllm.index.rqvae import RQVAE, sinkhorn, train_rqvae
+from odllm.runner.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

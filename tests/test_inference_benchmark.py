@@ -8,16 +8,16 @@ import pytest
 import torch
 from conftest import compose_config
 
-from odllm.compress_job import compress
-from odllm.inference_benchmark import (
+from odllm.bench.inference import (
     describe_model,
     disk_bytes,
     memory_bytes,
     resolve_models,
     run_inference_benchmark,
 )
-from odllm.recommender import Recommender
-from odllm.training import train
+from odllm.compress.saved import load_recommender
+from odllm.runner.compress import compress
+from odllm.runner.train import train
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_benchmark_end_to_end(models):
     for row in payload["rows"]:
         assert row["latency_ms"]["q1"] <= row["latency_ms"]["median"] <= row["latency_ms"]["q3"]
         assert row["maxrss_bytes"]["peak"] >= row["maxrss_bytes"]["batch1"] > 0 and saved["baseline_maxrss_bytes"] > 0
-        model = Recommender.load(row["model_dir"]).model
+        model = load_recommender(row["model_dir"]).model
         # bytes in memory = the parameters (and persistent buffers), tied weights once; on disk = the files
         assert row["memory_bytes"]["model"]["bytes"] == unique_tensor_bytes(model)
         linears = [m for layer in model.model.layers for m in (*layer.self_attn.children(), *layer.mlp.children())
@@ -94,13 +94,13 @@ def test_simulated_compression_is_labelled(models, tmp_path):
     shutil.copytree(root / "models" / "toy", fake)
     meta = json.loads((fake / "odllm.json").read_text())
     (fake / "odllm.json").write_text(json.dumps({**meta, "compression": {"method": "gptq", "ratio": None}}))
-    model = Recommender.load(fake).model
+    model = load_recommender(fake).model
     about = describe_model(fake, model)
     assert about["simulated"] and "SIMULATED" in about["label"]
-    dense = describe_model(root / "models" / "toy", Recommender.load(root / "models" / "toy").model)
+    dense = describe_model(root / "models" / "toy", load_recommender(root / "models" / "toy").model)
     assert not dense["simulated"] and dense["label"].startswith("dense")
     # the fake saves nothing: same bytes as dense, in memory and on disk
-    assert memory_bytes(model) == memory_bytes(Recommender.load(root / "models" / "toy").model)
+    assert memory_bytes(model) == memory_bytes(load_recommender(root / "models" / "toy").model)
     names = [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
     assert disk_bytes(fake, names) == disk_bytes(root / "models" / "toy", names)
 

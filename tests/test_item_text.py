@@ -3,11 +3,11 @@
 import pytest
 from conftest import compose_config
 
-from odllm.data import Split
-from odllm.datamodule import SeqRecDataModule
-from odllm.items import atomic_codes, build_item_codes
-from odllm.prompts import (
-    IGNORE_INDEX,
+from odllm.data.batches import IGNORE_INDEX
+from odllm.data.datamodule import SeqRecDataModule
+from odllm.data.dataset import Split
+from odllm.data.items import atomic_codes, build_item_codes
+from odllm.data.prompts import (
     SEQREC_TEMPLATES,
     ItemTextEncoder,
     SeqRecEncoder,
@@ -15,8 +15,8 @@ from odllm.prompts import (
     build_training_samples,
     tokenizer_corpus,
 )
-from odllm.tokenizer import add_item_tokens, train_tokenizer
-from odllm.training import train
+from odllm.model.tokenizer import add_item_tokens, train_tokenizer
+from odllm.runner.train import train
 
 TEXT = {"1": "Toy Story; 1995; Animation", "2": "Heat; 1995; Crime", "3": ""}
 

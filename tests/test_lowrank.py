@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from odllm.lowrank import LowRankLinear, cholesky_with_jitter, factorize, rank_for_ratio
+from odllm.compress.lowrank import LowRankLinear, cholesky_with_jitter, factorize, rank_for_ratio
 
 CONF = Path(__file__).parents[1] / "conf" / "method"
 
@@ -149,8 +149,8 @@ def test_fused_projections_keep_the_logits(method):
     """q/k/v and gate/up share one matmul (the A factors, or the weights) and compute the same function."""
     from test_compression import batches, logits, sequences, tiny_model
 
-    from odllm.fusion import FusedMember, fuse_projections
-    from odllm.methods import compress_with
+    from odllm.bench.fusion import FusedMember, fuse_projections
+    from odllm.compress.registry import compress_with
 
     data = batches(sequences())
     model = tiny_model(seed=6)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchmetrics.functional.retrieval import retrieval_hit_rate, retrieval_normalized_dcg
 
-from odllm.metrics import ranking_metrics
+from odllm.eval.metrics import ranking_metrics
 
 
 def test_hand_case():

@@ -5,10 +5,10 @@ import torch
 from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from odllm.items import atomic_codes
-from odllm.model import add_dropout, build_model, merge
-from odllm.recommender import Recommender
-from odllm.tokenizer import train_tokenizer
+from odllm.data.items import atomic_codes
+from odllm.model.backbone import add_dropout, build_model, merge
+from odllm.model.recommender import Recommender
+from odllm.model.tokenizer import train_tokenizer
 
 CORPUS = ["The user has interacted with the following items. History:", "Toy Story (1995)"] * 5
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import compose_config
 
-from odllm.evaluation import evaluate
-from odllm.training import train
+from odllm.runner.evaluate import evaluate
+from odllm.runner.train import train
 
 
 def test_train_then_evaluate_round_trip(tmp_path, tiny_run_overrides):

@@ -7,8 +7,9 @@ import pytest
 from conftest import compose_config
 from omegaconf import OmegaConf
 
-from odllm.data import DataError, load_dataset
-from odllm.prepare import k_core, prepare, prepare_amazon
+from odllm.data.dataset import load_dataset
+from odllm.data.prepare import k_core, prepare, prepare_amazon
+from odllm.data.readers import DataError
 
 CORE_USERS = ["U1", "U2", "U3", "U4", "U5"]
 CORE_ITEMS = ["B01", "B02", "B03", "B04", "B05"]
@@ -55,7 +56,7 @@ def amazon_files(tmp_path, category="Toys"):
 
 
 def test_five_core_matches_the_hand_computed_result(tmp_path, caplog):
-    caplog.set_level("INFO", logger="odllm.prepare")
+    caplog.set_level("INFO", logger="odllm.data.prepare")
     inter, item = prepare_amazon(*amazon_files(tmp_path), k=5)
     assert "5-core after 2 rounds: 5 users, 5 items, 25 interactions" in caplog.text
     assert inter == {

@@ -2,9 +2,10 @@
 
 import pytest
 
-from odllm.items import ItemCodes, atomic_codes, build_item_codes
-from odllm.prompts import IGNORE_INDEX, SeqRecEncoder, build_training_samples, training_windows
-from odllm.tokenizer import add_item_tokens, train_tokenizer
+from odllm.data.batches import IGNORE_INDEX
+from odllm.data.items import ItemCodes, atomic_codes, build_item_codes
+from odllm.data.prompts import SeqRecEncoder, build_training_samples, training_windows
+from odllm.model.tokenizer import add_item_tokens, train_tokenizer
 
 
 @pytest.mark.parametrize("n", [2, 3, 11, 21, 22, 40, 57])

@@ -14,8 +14,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
 from odllm import report
-from odllm.loggers import has_wandb_credentials, scalars, wandb_mode
-from odllm.training import train
+from odllm.runner.loggers import has_wandb_credentials, scalars, wandb_mode
+from odllm.runner.train import train
 
 ROOT = Path(__file__).parents[1]
 QUIET_HYDRA = ["hydra/job_logging=none", "hydra/hydra_logging=none"]  # leave the test process's logging alone

@@ -1,0 +1,196 @@
+"""The layer-by-layer driver every compression method runs through.
+
+:func:`compress_layers` works GPTQ-style, so memory holds one layer's statistics and two hidden-state streams,
+the original X and the compressed X': for each decoder layer it sums per-linear input statistics with hooks
+(:mod:`odllm.compress.statistics`) on the stream the algorithm asks for, lets the algorithm replace each
+linear, optionally lets it refine the layer on the compressed stream (:mod:`odllm.compress.align`), measures
+the layer's output error and advances both streams. The algorithms: ``LowRank`` (odllm, svd, svd_whiten,
+svd_align, asvd; :mod:`odllm.compress.lowrank_method`), ``GPTQ``, ``SparseGPT``, ``BitsAndBytes``;
+:mod:`odllm.compress.registry` maps a method config to one.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from odllm.compress.statistics import InputCovariances, LinearStatistics, StopForward, real_tokens
+from odllm.compress.storage import is_compressed, sizes, storage, totals
+
+log = logging.getLogger(__name__)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no decoder layers at model.model.layers")
+    return layers
+
+def forward_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(x, **kwargs)
+    return out[0] if isinstance(out, tuple) else out  # transformers < 5 returned a tuple
+
+def layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[dict]) -> tuple[list, list[dict]]:
+    """Hidden states and keyword arguments (mask, rotary embeddings, positions) layer 0 gets per batch."""
+    hidden, kwargs = [], []
+
+    def catch(module: nn.Module, args: tuple, kw: dict) -> None:
+        hidden.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.append(kw)
+        raise StopForward
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in batches:
+            mask = batch["attention_mask"]
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
+            try:
+                model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions,
+                      use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        handle.remove()
+    return hidden, kwargs
+
+@dataclass
+class Streams:
+    """Per calibration batch: the original stream X, the compressed stream X' (hidden states entering the
+    current layer), the other arguments the decoder layers get, and the non-pad token mask."""
+
+    X: list[torch.Tensor]
+    Xc: list[torch.Tensor]
+    kwargs: list[dict]
+    masks: list[torch.Tensor]
+
+    def __iter__(self):
+        return zip(self.X, self.Xc, self.kwargs, self.masks, strict=True)
+
+def compare_layers(
+    original, layer, streams: Streams, *, advance_original: bool = False, advance_compressed: bool = False
+) -> float:
+    """||layer(X') - original(X)||^2 / ||original(X)||^2 over non-pad tokens. ``original=None`` means X
+    already holds the original outputs; ``advance_*`` replaces that stream by the outputs (next inputs)."""
+    error = reference = 0.0
+    for b, (x, xc, kw, mask) in enumerate(streams):
+        y = x if original is None else forward_layer(original, x, kw)
+        yc = forward_layer(layer, xc, kw)
+        error += real_tokens(yc - y, mask).double().square().sum().item()
+        reference += real_tokens(y, mask).double().square().sum().item()
+        if advance_original:
+            streams.X[b] = y
+        if advance_compressed:
+            streams.Xc[b] = yc
+    return error / reference
+
+class LayerAlgorithm(Protocol):
+    """What :func:`compress_layers` asks of a method.
+
+    ``statistics``: which stream the input statistics come from ("original", "compressed" or "none");
+    ``sequential``: whether each layer is measured on, and the next fed by, the compressed stream.
+    """
+
+    statistics: str
+    sequential: bool
+
+    def settings(self) -> dict: ...
+
+    def validate(self, name: str, linear: nn.Linear) -> None: ...
+
+    def compress_linear(
+        self, name: str, linear: nn.Linear, stats: LinearStatistics | None
+    ) -> tuple[nn.Module | None, dict]: ...
+
+    def refine(self, original, layer, replaced: dict, groups: list, entries: dict, streams: Streams) -> dict | None:
+        ...
+
+def _entry(name: str, linear: nn.Linear, module: nn.Module | None, found: dict) -> dict:
+    """A matrix's report entry: the algorithm's own fields plus name, shape, numbers and bytes before/after."""
+    before, after = storage([linear]), storage([module if module is not None else linear])
+    entry = {"name": name, "shape": list(linear.weight.shape), **found}
+    entry.update(params_before=before["params"], params_after=after["params"], bytes_before=before["bytes"],
+                 bytes_after=after["bytes"])
+    return entry
+
+@torch.no_grad()
+def compress_layers(
+    model: nn.Module, batches: list[dict[str, torch.Tensor]], algorithm: LayerAlgorithm, *, progress: bool = True
+) -> dict:
+    """Compress ``model`` in place with ``algorithm``, one decoder layer at a time; returns the report.
+
+    ``batches``: dicts with left-padded ``input_ids`` and ``attention_mask`` ``[B, T]`` (and optionally a
+    ``statistics_mask``); pad tokens count nowhere. Every linear's shape is validated before any work.
+    """
+    layers = decoder_layers(model)
+    if any(is_compressed(m) for m in layers.modules()):
+        raise ValueError("the model is already compressed: pass the dense model")
+    names = {module: name for name, module in model.named_modules()}
+    for layer in layers:
+        for name, linear in layer.named_modules():
+            if isinstance(linear, nn.Linear):
+                algorithm.validate(f"{names[layer]}.{name}", linear)
+    training = model.training
+    model.eval()
+    sizes_before = sizes(model, layers)
+    # statistics and errors use only the tokens named by ``statistics_mask`` (default: every non-pad token)
+    masks = [batch.get("statistics_mask", batch["attention_mask"]).bool() for batch in batches]
+    X, kwargs = layer_inputs(model, layers, batches)
+    streams = Streams(X, list(X), kwargs, masks)
+    matrices, layer_reports = [], []
+
+    for i, layer in enumerate(tqdm(layers, desc="compress layers", disable=not progress)):
+        original = copy.deepcopy(layer)
+        linears = {name: m for name, m in original.named_modules() if isinstance(m, nn.Linear)}
+        stats = None
+        if algorithm.statistics != "none":
+            source = streams.Xc if algorithm.statistics == "compressed" else streams.X
+            with InputCovariances(linears) as stats:
+                for x, kw, mask in zip(source, streams.kwargs, streams.masks, strict=True):
+                    stats.mask = mask
+                    forward_layer(original, x, kw)
+
+        replaced, entries = {}, {}
+        for name, linear in linears.items():
+            full_name = f"{names[layer]}.{name}"
+            module, found = algorithm.compress_linear(full_name, linear, stats and stats.statistics(name))
+            entries[name] = _entry(full_name, linear, module, found)
+            if stats is not None:
+                entries[name]["tokens"] = stats.tokens[name]
+            if module is not None:
+                layer.set_submodule(name, module)
+                replaced[name] = module
+        matrices += entries.values()
+
+        report = {"layer": i, "input_stream": "compressed" if algorithm.sequential else "original"}
+        refined = None
+        if algorithm.sequential and replaced:
+            refined = algorithm.refine(original, layer, replaced, stats.groups if stats else [], entries, streams)
+        if refined is not None:
+            report.update(refined)
+        else:
+            if not algorithm.sequential:
+                streams.Xc = list(streams.X)  # measure this layer on the original stream
+            report["output_error"] = compare_layers(
+                original, layer, streams, advance_original=True, advance_compressed=algorithm.sequential
+            )
+        layer_reports.append(report)
+        log.debug("layer %d: %s", i, report)
+
+    model.train(training)
+    return {
+        "settings": {
+            **algorithm.settings(),
+            "calibration_sequences": sum(len(mask) for mask in masks),
+            "calibration_tokens": int(sum(mask.sum() for mask in masks)),
+        },
+        "matrices": matrices,
+        "layers": layer_reports,
+        "totals": totals(sizes_before, sizes(model, layers)),
+        "spectra": getattr(algorithm, "spectra", {}),
+    }

@@ -1,0 +1,148 @@
+"""One matrix: rank from a parameter budget, whitened truncated SVD, and the two-linear module that stores it.
+
+For a linear ``y = W x`` (W is m x n) with calibration inputs X and covariance C = X X^T = S S^T:
+
+    W S = U Sigma V^T                                      (SVD of the whitened weight)
+    B = U_k Sigma_k^{1/2}                      (m x k)
+    A = Sigma_k^{1/2} V_k^T S^{-1}             (k x n, by a triangular solve)
+
+so ``(W - B A) S = U_rest Sigma_rest V_rest^T`` and ||(W - B A) X||_F^2 = sum of the dropped sigma_i^2: the
+truncation minimises the output error on the calibration data, not the weight error. Without whitening S = I
+and this is plain truncated SVD.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from odllm.compress.quant import QuantLinear
+
+# Jitter levels tried by cholesky_with_jitter, relative to the mean eigenvalue trace(C)/n.
+JITTERS = (0.0, *(10.0**e for e in range(-8, 1)))
+# A pivot below this (relative to trace(C)/n) exists only by rounding: S^{-1} would amplify noise by > 1e6.
+MIN_PIVOT = 1e-12
+
+
+class LowRankLinear(nn.Module):
+    """``B(A(x))`` in place of a dense linear: k(m+n) weights instead of mn, and two thinner matmuls."""
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bias: bool = False, device=None, dtype=None
+    ) -> None:
+        super().__init__()
+        self.A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.B = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @classmethod
+    def from_factors(
+        cls, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> LowRankLinear:
+        """The module computing ``B A x + bias``."""
+        module = cls(A.shape[1], B.shape[0], A.shape[0], bias is not None, device=B.device, dtype=B.dtype)
+        with torch.no_grad():
+            module.A.weight.copy_(A)
+            module.B.weight.copy_(B)
+            if bias is not None:
+                module.B.bias.copy_(bias)
+        return module
+
+    @classmethod
+    def empty(cls, linear: nn.Linear, spec: dict) -> LowRankLinear:
+        """The module ``spec`` describes (shapes only), for ``load_state_dict`` to fill."""
+        return cls(linear.in_features, linear.out_features, spec["rank"], bias=linear.bias is not None)
+
+    kind = "lowrank"
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "rank": self.rank}
+
+    @property
+    def rank(self) -> int:
+        return self.A.out_features
+
+    @property
+    def in_features(self) -> int:
+        return self.A.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.B.out_features
+
+    def quantize_factors(self, bits: int = 8) -> None:
+        """Stores A and B as ``bits``-bit integers, one min-max grid per row (odllm + int8, beyond the paper):
+        k(m+n) numbers in about a quarter of the float32 bytes. Packed storage and its loading come from
+        :class:`odllm.compress.quant.QuantLinear`; compression.json lists the factors under their own names."""
+        self.A = QuantLinear.from_linear(self.A, bits)
+        self.B = QuantLinear.from_linear(self.B, bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.A(x))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def check_ratio(ratio: float) -> float:
+    """``ratio`` is the fraction of decoder-linear parameters kept, so it must lie in (0, 1]."""
+    if not 0 < ratio <= 1:
+        raise ValueError(
+            f"ratio={ratio} is outside (0, 1]: ratio is the fraction of decoder-linear parameters kept, "
+            "so its allowed range (0, 1] excludes 0 and values above 1"
+        )
+    return float(ratio)
+
+
+def rank_for_ratio(m: int, n: int, ratio: float) -> int | None:
+    """Rank k whose k(m+n) parameters fit ``ratio`` of the dense mn, or None to keep the matrix dense.
+
+    Dense when factorising saves nothing (k(m+n) >= mn) and when ratio == 1: the dense matrix then fits the
+    budget and is exact, so ratio=1 leaves every matrix untouched.
+    """
+    check_ratio(ratio)
+    if ratio == 1:
+        return None
+    k = math.floor(ratio * m * n / (m + n))
+    if k < 1:
+        raise ValueError(
+            f"ratio={ratio} leaves less than rank 1 for a {m}x{n} matrix; "
+            f"the smallest ratio for this shape is {(m + n) / (m * n):.3g}"
+        )
+    return None if k * (m + n) >= m * n else k
+
+
+def cholesky_with_jitter(C: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Lower S with S S^T = C + jitter * trace(C)/n * I, and the absolute jitter added (0.0 when none).
+
+    C is singular when input channels are dead or there are fewer tokens than channels; growing jitter makes
+    it positive definite. An all-zero C (a layer that never sees input) uses an absolute scale of 1, which
+    turns whitening into plain SVD for that matrix.
+    """
+    if not torch.isfinite(C).all():
+        raise ValueError("the input covariance holds NaN or inf; check the calibration activations")
+    n = C.shape[0]
+    scale = C.diagonal().sum().item() / n
+    scale = scale if scale > 0 else 1.0
+    eye = torch.eye(n, dtype=C.dtype, device=C.device)
+    for eps in JITTERS:
+        S, info = torch.linalg.cholesky_ex(C + eps * scale * eye)
+        if info == 0 and S.diagonal().square().min() >= MIN_PIVOT * scale:
+            return S, eps * scale
+    raise RuntimeError(f"Cholesky failed even with jitter {JITTERS[-1]} * trace/n; the covariance is not PSD")
+
+
+def factorize(
+    W: torch.Tensor, S: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(B [m,k], A [k,n], sigma)`` with B A the best rank-k fit of W in the norm ||(.) S||_F; sigma is the
+    full spectrum of W S (of W when S is None), in W's dtype. Computed in float64."""
+    Ws = W.double() if S is None else W.double() @ S.double()
+    U, sigma, Vh = torch.linalg.svd(Ws, full_matrices=False)
+    root = sigma[:k].sqrt()
+    B = U[:, :k] * root
+    A = root[:, None] * Vh[:k]
+    if S is not None:
+        A = torch.linalg.solve_triangular(S.double(), A, upper=False, left=False)  # A S^{-1}
+    return B.to(W.dtype), A.to(W.dtype), sigma.to(W.dtype)

@@ -1,0 +1,193 @@
+"""The low-rank method family: odllm (OD-LLM), svd, svd_whiten, svd_align, asvd, odllm_b, odllm_int8.
+
+OD-LLM (:class:`LowRank`), per decoder layer i:
+
+1. run the original layer i on the original stream X_i; hooks sum C = sum x x^T per linear (non-pad tokens);
+2. factorise each linear at the rank its share ``ratio`` of parameters allows (:mod:`odllm.compress.lowrank`),
+   whitened by the Cholesky factor of C, scaled by ASVD's diag(mean|x|^alpha), or plain;
+3. with ``align``: refit the factors on the compressed stream (:mod:`odllm.compress.align`);
+4. advance: X_{i+1} = layer_i(X_i), X'_{i+1} = compressed layer_i(X'_i) (:mod:`odllm.compress.driver`).
+
+``ratio`` is the fraction of each decoder linear's parameters kept: a factorised m x n matrix of rank
+k = floor(ratio m n / (m + n)) stores k (m + n) <= ratio m n numbers. Embeddings, lm_head and norms stay
+dense; the report gives decoder-only and whole-model sizes, in numbers and in the bytes really held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from odllm.compress.align import align_layer
+from odllm.compress.driver import Streams, compare_layers, compress_layers
+from odllm.compress.lowrank import LowRankLinear, cholesky_with_jitter, factorize, rank_for_ratio
+from odllm.compress.quant import check_bits
+from odllm.compress.statistics import LinearStatistics
+from odllm.compress.storage import storage
+
+log = logging.getLogger(__name__)
+
+RATIO_MEANING = (
+    "fraction of each decoder linear's parameters kept: an m x n matrix becomes rank "
+    "k = floor(ratio*m*n/(m+n)), k*(m+n) parameters; kept dense when that saves nothing or ratio == 1; "
+    "embeddings, lm_head and norms stay dense"
+)
+
+WHITENING = {False: "none", True: "cholesky", "asvd": "asvd"}  # LowRank's ``whiten`` choices
+
+ALIGNMENT = (False, "B", "BA")  # LowRank's ``align`` choices: none, refit B, refit both factors
+
+
+def asvd_scaling(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ASVD's S = diag(mean|x|^alpha) as a vector; a channel that never fired gets 1e-6 of the largest scale
+    (ASVD adds 1e-6) so that S stays invertible, and all-zero statistics give the identity."""
+    s = abs_mean.double().clamp(min=0) ** alpha
+    top = s.max()
+    return torch.ones_like(s) if top <= 0 else s + 1e-6 * top
+
+def factorise_linear(
+    name: str, linear: nn.Linear, C: torch.Tensor, ratio: float, whiten: bool | str,
+    abs_mean: torch.Tensor | None = None, alpha: float = 0.5,
+):
+    """``(LowRankLinear or None when kept dense, report entry, truncated spectrum or None)``.
+
+    ``whiten``: True = Cholesky factor of C (optimal for the output error), "asvd" = diag(mean|x|^alpha),
+    False = none. ``predicted_error`` is the sum of dropped sigma^2, i.e. the error the choice minimises:
+    output error (whitened), scaled weight error (asvd), weight error (plain).
+    """
+    m, n = linear.weight.shape
+    params = sum(p.numel() for p in linear.parameters())
+    entry = {"name": name, "shape": [m, n], "rank": "dense", "params_before": params, "params_after": params}
+    k = rank_for_ratio(m, n, ratio)
+    if k is None:
+        return None, entry, None
+    S, jitter = cholesky_with_jitter(C)
+    if jitter:
+        log.info("%s: input covariance is singular, added jitter %.3g * I before Cholesky", name, jitter)
+    W = linear.weight.double()
+    if whiten == "asvd":
+        scaling = torch.diag(asvd_scaling(abs_mean, alpha))
+    else:
+        scaling = S if whiten else None
+    B, A, sigma = factorize(W, scaling, k)
+    whitened = sigma if whiten is True else torch.linalg.svdvals(W @ S)
+    module = LowRankLinear.from_factors(B.to(linear.weight.dtype), A.to(linear.weight.dtype), linear.bias)
+    D = W - module.B.weight.double() @ module.A.weight.double()
+    error, energy = ((D @ C) * D).sum().item(), ((W @ C) * W).sum().item()
+    entry.update(
+        rank=k,
+        params_after=sum(p.numel() for p in module.parameters()),
+        predicted_error=sigma[k:].square().sum().item(),  # plain SVD: the weight error ||W - W'||_F^2
+        whitened_prediction=whitened[k:].square().sum().item(),
+        output_error=error,
+        relative_output_error=error / energy if energy else 0.0,
+        jitter=jitter,
+    )
+    return module, entry, sigma.tolist()
+
+@dataclass
+class LowRank:
+    """Truncated SVD per linear at ``ratio`` (whitened, ASVD-scaled or plain), optionally aligned."""
+
+    ratio: float
+    whiten: bool | str = True
+    align: bool | str = "BA"  # false, "B" (the paper: refit B) or "BA" (refit both factors)
+    ridge: float = 1e-4
+    alpha: float = 0.5  # ASVD's exponent; used only with whiten="asvd"
+    spectra: dict = field(default_factory=dict)
+
+    statistics = "original"
+
+    def __post_init__(self) -> None:
+        if self.whiten not in WHITENING:
+            raise ValueError(f"whiten={self.whiten!r}; choose true (Cholesky), false (none) or 'asvd'")
+        if self.align not in ALIGNMENT:
+            raise ValueError(f"align={self.align!r}; choose false (none), 'B' (refit B) or 'BA' (refit B and A)")
+
+    @property
+    def sequential(self) -> bool:
+        return bool(self.align)
+
+    def settings(self) -> dict:
+        settings = {"ratio": self.ratio, "ratio_meaning": RATIO_MEANING, "whiten": self.whiten,
+                    "align": self.align, "ridge": self.ridge}
+        return {**settings, "alpha": self.alpha} if self.whiten == "asvd" else settings
+
+    def validate(self, name: str, linear: nn.Linear) -> None:
+        rank_for_ratio(*linear.weight.shape, self.ratio)
+
+    def compress_linear(self, name: str, linear: nn.Linear, stats: LinearStatistics):
+        module, entry, spectrum = factorise_linear(
+            name, linear, stats.covariance, self.ratio, self.whiten, stats.abs_mean, self.alpha
+        )
+        if spectrum is not None:
+            self.spectra[name] = spectrum
+        return module, entry
+
+    def refine(self, original, layer, replaced, groups, entries, streams) -> dict | None:
+        if not self.align:
+            return None
+        return align_layer(original, layer, replaced, groups, entries, streams, self.ridge, self.align)
+
+
+@dataclasses.dataclass
+class QuantizedLowRank(LowRank):
+    """odllm + int8 (beyond the paper): :class:`LowRank`, then each factor stored as ``factor_bits``-bit integers
+    with one grid per row (``LowRankLinear.quantize_factors``).
+
+    A layer's factors are quantized once they are final (after its alignment) and before the compressed stream
+    moves on, so layer i+1 is aligned to what the quantized layers 0..i really produce.
+    """
+
+    factor_bits: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bits(self.factor_bits)
+
+    def settings(self) -> dict:
+        storage = f"int{self.factor_bits} low-rank factors (codes + float16 scale and zero point per row)"
+        return {**super().settings(), "factor_bits": self.factor_bits, "storage": storage}
+
+    def compress_linear(self, name, linear, stats):
+        module, entry = super().compress_linear(name, linear, stats)
+        if module is not None and not self.sequential:  # no alignment follows: the factors are final
+            module.quantize_factors(self.factor_bits)
+        return module, entry
+
+    def refine(self, original, layer, replaced, groups, entries, streams) -> dict:
+        inputs = list(streams.Xc)  # the layer's input: the refit advances the stream with float factors
+        report = super().refine(original, layer, replaced, groups, entries, streams)
+        for name, module in replaced.items():
+            module.quantize_factors(self.factor_bits)
+            entries[name]["bytes_after"] = storage([module])["bytes"]
+        redo = Streams(streams.X, inputs, streams.kwargs, streams.masks)  # X already holds the original outputs
+        report["output_error_float_factors"] = report["output_error"]
+        report["output_error"] = compare_layers(None, layer, redo, advance_compressed=True)
+        streams.Xc = redo.Xc
+        return report
+
+
+def compress_model(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    *,
+    ratio: float,
+    whiten: bool | str,
+    align: bool,
+    ridge: float = 1e-4,
+    alpha: float = 0.5,
+    progress: bool = True,
+) -> dict:
+    """Low-rank compression of ``model`` in place; returns a JSON-serialisable report (``report["spectra"]``
+    for plots). ``whiten``: True (Cholesky, OD-LLM), False (plain SVD) or "asvd" (``alpha``).
+
+    Without ``align`` only the original stream is needed and each layer's output error is measured on it;
+    with ``align`` it is measured on the compressed stream, before and after the refit.
+    """
+    algorithm = LowRank(ratio=ratio, whiten=whiten, align=align, ridge=ridge, alpha=alpha)
+    return compress_layers(model, batches, algorithm, progress=progress)

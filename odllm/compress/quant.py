@@ -1,0 +1,273 @@
+"""Integer weights that really are small: bit packing, GPTQ's min-max grid, and the module that stores them.
+
+A b-bit weight row is cut into groups of ``group_size`` input columns; each group has its own grid
+
+    scale = (max(w, 0) - min(w, 0)) / (2^b - 1),   zero = round(-min(w, 0) / scale),
+    code  = clamp(round(w / scale) + zero, 0, 2^b - 1),   w_hat = scale * (code - zero),
+
+asymmetric and always containing 0, as in the reference GPTQ code (a group of zeros gets the range [-1, 1]).
+``scale`` is rounded to its storage dtype (float16 by default) *before* the codes are chosen, so the grid the
+algorithms optimise against is exactly the one :class:`QuantLinear` stores and dequantizes.
+
+Storage of an m x n matrix: 4-bit codes two per byte (low nibble first), 8-bit codes one per byte, plus per
+group one scale (2 bytes) and one zero point (4 or 8 bits, packed like the codes). The weights are dequantized
+in every forward into a temporary float32 matrix that is freed afterwards, so resident memory is the packed
+size unless ``keep_dequantized`` is switched on (an explicit speed-for-memory trade that ``storage()`` counts).
+
+Rows are independent (each has its own groups), so row blocks of codes, scales and zero points concatenate
+into the matrix of stacked weights, and a lookup dequantizes only the rows it gathers (the int8 embedding
+table, ``odllm.compress.embeddings``). :meth:`QuantLinear.from_linear` is round-to-nearest on this grid, the ``rtn``
+kind: GPTQ's output-aware rounding matters at 4 bits, at 8 bits per row RTN's error is already ~0.1 % of
+the weights' range.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BITS = (4, 8)
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes in [0, 15] ``[..., n]`` -> uint8 ``[..., ceil(n / 2)]``, two per byte (low nibble first)."""
+    codes = codes.to(torch.uint8)
+    if codes.shape[-1] % 2:
+        codes = F.pad(codes, (0, 1))
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 ``[..., ceil(n / 2)]`` -> codes ``[..., n]`` (uint8)."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)[..., :n]
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[..., n]`` -> uint8 ``[..., ceil(n / 8)]``, eight flags per byte (lowest bit first)."""
+    mask = mask.to(torch.uint8)
+    if mask.shape[-1] % 8:
+        mask = F.pad(mask, (0, 8 - mask.shape[-1] % 8))
+    weights = 2 ** torch.arange(8, dtype=torch.uint8)
+    return (mask.unflatten(-1, (-1, 8)) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 ``[..., ceil(n / 8)]`` -> boolean ``[..., n]``."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :n].bool()
+
+
+def check_bits(bits: int) -> int:
+    if bits not in BITS:
+        raise ValueError(f"bits={bits} is not supported; choose one of {BITS}")
+    return bits
+
+
+def effective_group_size(group_size: int, in_features: int, name: str = "the layer") -> int:
+    """``group_size`` input columns per grid (-1 = the whole row), checked against ``in_features``."""
+    if group_size == -1:
+        return in_features
+    if group_size < 1 or in_features % group_size:
+        divisors = [d for d in range(min(group_size, in_features), 0, -1) if in_features % d == 0][:3]
+        raise ValueError(
+            f"group_size={group_size} does not divide in_features={in_features} of {name}: every group must "
+            f"have the same number of columns; use method.group_size=<a divisor of {in_features}> "
+            f"(e.g. {', '.join(map(str, divisors))}) or method.group_size=-1 (one group per row)"
+        )
+    return group_size
+
+
+def minmax_grid(
+    W: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``W [m, g]`` (one group): the asymmetric min-max ``(scale, zero)`` in W's dtype.
+
+    The scale is rounded to ``scale_dtype`` (what is stored); it is kept above 0 there so that a group of
+    tiny weights cannot divide by zero.
+    """
+    maxq = 2**bits - 1
+    xmin = W.min(1).values.clamp(max=0)
+    xmax = W.max(1).values.clamp(min=0)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin[empty], xmax[empty] = -1.0, 1.0
+    stored = ((xmax - xmin) / maxq).to(scale_dtype)
+    if not torch.isfinite(stored).all():
+        raise ValueError(f"a weight group's range overflows {scale_dtype}; use method.scale_dtype=float32")
+    tiny = torch.finfo(scale_dtype).smallest_normal * torch.finfo(scale_dtype).eps  # smallest subnormal
+    scale = stored.clamp(min=tiny).to(W.dtype)
+    zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Grid codes of ``w`` (same shape as scale and zero, or broadcastable), as floats in [0, 2^bits - 1]."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def rtn_quantize(
+    W: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest on the same groups and grid as GPTQ: ``(codes, scales, zeros)``, codes ``[m, n]``.
+
+    The baseline GPTQ must beat: each weight rounded alone, no error compensation.
+    """
+    m, n = W.shape
+    g = effective_group_size(group_size, n)
+    groups = W.reshape(m, n // g, g).transpose(0, 1)  # [groups, m, g]
+    params = [minmax_grid(block, bits, scale_dtype) for block in groups]
+    scales = torch.stack([s for s, _ in params], 1)
+    zeros = torch.stack([z for _, z in params], 1)
+    codes = quantize_codes(W, scales.repeat_interleave(g, 1), zeros.repeat_interleave(g, 1), bits)
+    return codes, scales, zeros
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``scale * (code - zero)`` per group, in the scales' dtype promoted to at least float32. Few, in-place
+    operations: at batch 1 a forward's dequantization costs more dispatches than arithmetic."""
+    m, n = codes.shape
+    groups = scales.shape[1]
+    dtype = torch.promote_types(scales.dtype, torch.float32)
+    if groups == 1:  # one grid per row
+        return (codes.to(dtype) - zeros.to(dtype)).mul_(scales.to(dtype))
+    grouped = codes.view(m, groups, n // groups).to(dtype) - zeros.to(dtype).unsqueeze(-1)
+    return grouped.mul_(scales.to(dtype).unsqueeze(-1)).view(m, n)
+
+
+class QuantLinear(nn.Module):
+    """A linear whose weight is stored as packed b-bit codes plus per-group float16 scales and zero points.
+
+    ``forward`` dequantizes into a temporary float32 weight (exact: an integer times a float16 scale is
+    representable in float32) and calls ``F.linear``. ``keep_dequantized=True`` caches that matrix instead,
+    trading the memory saving for speed; :meth:`storage` then counts the cache.
+    """
+
+    kind = "gptq"  # how the codes were chosen: "gptq", or "rtn" (round-to-nearest); the storage is the same
+
+    def __init__(
+        self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128, bias: bool = False,
+        scale_dtype: str = "float16", kind: str | None = None,
+    ) -> None:
+        super().__init__()
+        if kind is not None:
+            self.kind = kind
+        self.in_features, self.out_features = in_features, out_features
+        self.bits = check_bits(bits)
+        self.group_size = group_size
+        self.scale_dtype = scale_dtype
+        g = effective_group_size(group_size, in_features)
+        groups = in_features // g
+        per_byte = 8 // bits
+        self.register_buffer("qweight", torch.zeros(out_features, math.ceil(in_features / per_byte), dtype=torch.uint8))
+        self.register_buffer("qzeros", torch.zeros(out_features, math.ceil(groups / per_byte), dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=SCALE_DTYPES[scale_dtype]))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.keep_dequantized = False
+        self._dequantized: torch.Tensor | None = None
+
+    @classmethod
+    def from_codes(
+        cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *, bits: int, group_size: int,
+        bias: torch.Tensor | None = None, scale_dtype: str = "float16", kind: str | None = None,
+    ) -> QuantLinear:
+        """The module storing ``codes [m, n]`` (integers in [0, 2^bits)), ``scales``/``zeros [m, groups]``."""
+        m, n = codes.shape
+        module = cls(n, m, bits, group_size, bias is not None, scale_dtype, kind)
+        with torch.no_grad():
+            module.qweight.copy_(module._pack(codes))
+            module.qzeros.copy_(module._pack(zeros))
+            module.scales.copy_(scales.to(module.scales.dtype))
+            if bias is not None:
+                module.bias.copy_(bias)
+        return module
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int = -1) -> QuantLinear:
+        """Round-to-nearest of ``linear``'s weight on the min-max grid (kind ``rtn``; subclasses keep theirs)."""
+        codes, scales, zeros = rtn_quantize(linear.weight.detach().float(), bits, group_size)
+        bias = None if getattr(linear, "bias", None) is None else linear.bias.detach()
+        kind = "rtn" if cls is QuantLinear else None
+        return cls.from_codes(codes, scales, zeros, bits=bits, group_size=group_size, bias=bias, kind=kind)
+
+    @classmethod
+    def empty(cls, linear: nn.Linear, spec: dict) -> QuantLinear:
+        """The module ``spec`` describes, with zero buffers for ``load_state_dict`` to fill."""
+        return cls(linear.in_features, linear.out_features, spec["bits"], spec["group_size"],
+                   linear.bias is not None, spec.get("scale_dtype", "float16"), spec["kind"])
+
+    @classmethod
+    def stacked(cls, modules: list[QuantLinear]) -> QuantLinear:
+        """One module whose rows are those of ``modules`` in order (same input, bits, groups; no bias)."""
+        first = modules[0]
+        settings = {(m.in_features, m.bits, m.group_size, m.scale_dtype) for m in modules}
+        if len(settings) != 1 or any(m.bias is not None for m in modules):
+            raise ValueError("only bias-free QuantLinears with the same input and grid settings stack")
+        module = cls(first.in_features, sum(m.out_features for m in modules), first.bits, first.group_size,
+                     False, first.scale_dtype, first.kind)
+        for name in ("qweight", "qzeros", "scales"):
+            getattr(module, name).copy_(torch.cat([getattr(m, name) for m in modules]))
+        return module
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "bits": self.bits, "group_size": self.group_size, "scale_dtype": self.scale_dtype}
+
+    def _pack(self, values: torch.Tensor) -> torch.Tensor:
+        values = values.round().to(torch.uint8)
+        return pack_int4(values) if self.bits == 4 else values
+
+    def _unpack(self, packed: torch.Tensor, n: int) -> torch.Tensor:
+        return unpack_int4(packed, n) if self.bits == 4 else packed
+
+    def codes(self) -> torch.Tensor:
+        return self._unpack(self.qweight, self.in_features)
+
+    def zeros(self) -> torch.Tensor:
+        return self._unpack(self.qzeros, self.scales.shape[1])
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 ``[out, in]`` weight the codes stand for."""
+        return dequantize(self.codes(), self.scales, self.zeros(), self.group_size)
+
+    def dequantized_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Float32 rows ``index`` (any shape) of the weight, ``[*index.shape, in]``: only those are unpacked."""
+        flat = index.reshape(-1)
+        rows = dequantize(self._unpack(self.qweight[flat], self.in_features), self.scales[flat],
+                          self._unpack(self.qzeros[flat], self.scales.shape[1]), self.group_size)
+        return rows.view(*index.shape, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.keep_dequantized:
+            if self._dequantized is None:
+                self._dequantized = self.dequantized_weight()
+            weight = self._dequantized
+        else:
+            self._dequantized = None
+            weight = self.dequantized_weight()
+        return F.linear(x, weight.to(x.dtype), self.bias)
+
+    def storage(self) -> dict:
+        """Numbers represented and bytes held: packed codes, zeros, scales, bias (+ the cache when kept)."""
+        tensors = [self.qweight, self.qzeros, self.scales, *([self.bias] if self.bias is not None else [])]
+        held = sum(t.numel() * t.element_size() for t in tensors)
+        if self._dequantized is not None:
+            held += self._dequantized.numel() * self._dequantized.element_size()
+        return {"params": self.out_features * self.in_features + (self.out_features if self.bias is not None else 0),
+                "bytes": held}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, kind={self.kind}, keep_dequantized={self.keep_dequantized}")
+
+
+def keep_dequantized(model: nn.Module, enabled: bool = True) -> int:
+    """Switch the float32 weight cache of every QuantLinear in ``model``; returns how many were switched."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.keep_dequantized = enabled
+            module._dequantized = None
+            count += 1
+    return count

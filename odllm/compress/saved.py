@@ -1,0 +1,109 @@
+"""A compressed model on disk: ``compression.json`` beside the safetensors, and loading it back.
+
+``compression.json`` records every replaced module by name: a bare integer is a LowRankLinear's rank (the
+original format, still written for low-rank modules), an object names its kind and settings
+(``{"kind": "gptq", "bits": 4, "group_size": 128, ...}``, ``{"kind": "sparse", "nnz": ...}``, ``bnb_*``).
+:func:`load_recommender` loads any saved recommender, dense or compressed, without the calibration data.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from odllm.compress.embeddings import QuantEmbedding, QuantHead, TiedHead
+from odllm.compress.lowrank import LowRankLinear
+from odllm.compress.quant import QuantLinear
+from odllm.compress.sparse import SparseLinear
+from odllm.compress.storage import is_compressed
+from odllm.model.recommender import COMPRESSION_FILE, Recommender, load_hf_model
+
+
+def compression_specs(model: nn.Module) -> dict[str, dict]:
+    """Every compressed module's spec (its kind and what rebuilding its shapes needs), keyed by module name."""
+    return {name: m.spec() for name, m in model.named_modules() if is_compressed(m)}
+
+def save_compression_config(model: nn.Module, directory: str | Path) -> Path:
+    """Writes ``compression.json``: per compressed module its spec; a low-rank module as its bare rank."""
+    specs = {
+        name: spec["rank"] if spec["kind"] == "lowrank" else spec for name, spec in compression_specs(model).items()
+    }
+    path = Path(directory) / COMPRESSION_FILE
+    path.write_text(json.dumps(specs, indent=2))
+    return path
+
+MODULE_KINDS = ("lowrank", "gptq", "rtn", "sparse", "bnb_int8", "bnb_nf4", "quant_embedding", "quant_head",
+                "tied_head")
+
+def module_class(kind: str) -> type:
+    """The module class of a compression.json ``kind``; it rebuilds empty shapes with ``empty(linear, spec)``.
+    bitsandbytes is imported only when a saved model uses it."""
+    if kind == "lowrank":
+        return LowRankLinear
+    if kind in ("gptq", "rtn"):
+        return QuantLinear
+    if kind in ("quant_embedding", "quant_head", "tied_head"):
+        return {"quant_embedding": QuantEmbedding, "quant_head": QuantHead, "tied_head": TiedHead}[kind]
+    if kind == "sparse":
+        return SparseLinear
+    if kind in ("bnb_int8", "bnb_nf4"):
+        from odllm.compress.bnb import Int8Linear, NF4Linear
+
+        return Int8Linear if kind == "bnb_int8" else NF4Linear
+    raise ValueError(f"{COMPRESSION_FILE} names an unknown module kind {kind!r}; known kinds: {list(MODULE_KINDS)}")
+
+def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state = {}
+    for file in files:
+        if not (directory / file).exists():
+            raise FileNotFoundError(f"{directory / file} is missing: save with safe_serialization=True")
+        state.update(load_file(directory / file))
+    return state
+
+def load_compressed(directory: str | Path) -> nn.Module:
+    """The model saved in ``directory``: compressed modules where compression.json says, else a plain HF model."""
+    directory = Path(directory)
+    if not (directory / COMPRESSION_FILE).exists():
+        return load_hf_model(directory)
+    entries = json.loads((directory / COMPRESSION_FILE).read_text())
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=torch.float32)
+    # a bare integer is a low-rank module's rank; parents are rebuilt before modules nested in them
+    for name, spec in sorted(entries.items(), key=lambda item: item[0].count(".")):
+        spec = {"kind": "lowrank", "rank": spec} if isinstance(spec, int) else spec
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear | nn.Embedding):
+            raise ValueError(f"{COMPRESSION_FILE} names {name}, a {type(linear).__name__}, not a Linear or Embedding")
+        model.set_submodule(name, module_class(spec["kind"]).empty(linear, spec))
+    for module in model.modules():  # a module that uses another one (the tied int8 head) finds it now
+        if callable(getattr(module, "bind", None)):
+            module.bind(model)
+    state = _read_safetensors(directory)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    aliases = defaultdict(list)  # tied weights are saved once, under one of their names
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases[id(p)].append(name)
+    loaded = {name for names in aliases.values() if any(n in state for n in names) for name in names}
+    missing = [key for key in missing if key not in loaded]
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory} does not match {COMPRESSION_FILE}: missing {missing}, unexpected {unexpected}"
+        )
+    if (directory / "generation_config.json").exists():  # as from_pretrained would
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model.eval()
+
+
+def load_recommender(directory: str | Path) -> Recommender:
+    """The recommender saved in ``directory`` by train.py (dense) or compress.py (compressed)."""
+    return Recommender.load(directory, load_model=load_compressed)

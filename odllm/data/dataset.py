@@ -1,0 +1,117 @@
+"""Datasets as time-ordered item sequences per user, and LC-Rec's leave-one-out split.
+
+The readers (:mod:`odllm.data.readers`) produce the same :class:`Dataset` from every format. Users with too
+few interactions are dropped and counted, never silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from odllm.data.fetch import fetch_ml100k
+from odllm.data.readers import DataError, read_atomic, read_interactions_csv, read_lcrec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DatasetStats:
+    users: int
+    items: int
+    interactions: int
+    dropped_users: int = 0  # users with fewer than ``min_interactions`` interactions
+
+@dataclass
+class Dataset:
+    name: str
+    sequences: dict[str, list[str]]  # user -> items in time order
+    semantic_index: dict[str, list[str]] | None = None  # item -> code tokens (LC-Rec index), if shipped
+    item_text: dict[str, str] = field(default_factory=dict)  # item -> title etc., where the data has it
+    dropped_users: int = 0
+
+    @property
+    def items(self) -> list[str]:
+        """Every item that occurs in an interaction, numeric ids in numeric order."""
+        seen = {i for seq in self.sequences.values() for i in seq}
+        return sorted(seen, key=lambda i: (0, int(i), "") if i.isdigit() else (1, 0, i))
+
+    @property
+    def stats(self) -> DatasetStats:
+        return DatasetStats(
+            users=len(self.sequences),
+            items=len(self.items),
+            interactions=sum(len(s) for s in self.sequences.values()),
+            dropped_users=self.dropped_users,
+        )
+
+@dataclass(frozen=True)
+class Example:
+    user: str
+    history: list[str]
+    target: str
+
+@dataclass
+class Split:
+    train: dict[str, list[str]]  # user -> items before the valid target
+    valid: list[Example]
+    test: list[Example]
+
+def leave_one_out(dataset: Dataset, max_history: int = 20) -> Split:
+    """LC-Rec's split: test = last item, valid = second last, train = the rest; histories truncated."""
+    if max_history < 1:
+        raise ValueError(f"task.max_history must be at least 1, got {max_history}")
+    train, valid, test = {}, [], []
+    for user, seq in dataset.sequences.items():
+        if len(seq) < 3:
+            raise ValueError(f"user {user!r} has {len(seq)} interactions; the split needs at least 3")
+        train[user] = seq[:-2]
+        valid.append(Example(user, seq[:-2][-max_history:], seq[-2]))
+        test.append(Example(user, seq[:-1][-max_history:], seq[-1]))
+    return Split(train, valid, test)
+
+def load_dataset(cfg: DictConfig) -> Dataset:
+    """Reads the dataset described by a ``conf/dataset/*.yaml`` node and logs its statistics."""
+    index = None
+    if cfg.format == "atomic":
+        directory = Path(cfg.dir)
+        if cfg.get("fetch") and not (directory / f"{cfg.name}.inter").exists():
+            fetch_ml100k(directory)
+        sequences, text = read_atomic(directory, cfg.name)
+    elif cfg.format == "lcrec":
+        sequences, index, text = read_lcrec(Path(cfg.dir), cfg.name, require_index=cfg.get("require_index"))
+    elif cfg.format == "csv":
+        sequences, text = read_interactions_csv(Path(cfg.path))
+    else:
+        raise ValueError(f"unknown dataset.format {cfg.format!r}; choose atomic, lcrec or csv")
+    dataset = Dataset(cfg.name, {}, index, text)
+    dataset.sequences, dataset.dropped_users = drop_short(sequences, cfg.get("min_interactions", 3))
+    if not dataset.sequences:
+        raise DataError(f"dataset {cfg.name}: no user has at least {cfg.min_interactions} interactions")
+    if index is not None:
+        missing = [i for i in dataset.items if i not in index]
+        if missing:
+            raise DataError(
+                f"{len(missing)} items of {cfg.name}.inter.json have no code in {cfg.name}.index.json "
+                f"(e.g. {missing[:5]}); the index must cover every item (rebuild it, or use "
+                "dataset.item_tokens=atomic)"
+            )
+    s = dataset.stats
+    log.info(
+        "dataset %s: %d users, %d items, %d interactions (%d users with < %d interactions dropped)",
+        cfg.name, s.users, s.items, s.interactions, s.dropped_users, cfg.get("min_interactions", 3),
+    )
+    return dataset
+
+def drop_short(sequences: Mapping[str, list[str]], min_interactions: int) -> tuple[dict, int]:
+    if min_interactions < 3:
+        raise ValueError("dataset.min_interactions must be at least 3 (one train, one valid, one test item)")
+    kept = {u: s for u, s in sequences.items() if len(s) >= min_interactions}
+    dropped = len(sequences) - len(kept)
+    if dropped:
+        log.warning("dropped %d users with fewer than %d interactions", dropped, min_interactions)
+    return kept, dropped

@@ -1,0 +1,123 @@
+"""Test-time protocol shared by train.py, evaluate.py, compress.py and the benchmarks.
+
+Every user is one test case (target = last item, history = up to ``max_history`` items before it), the
+model ranks item codes by constrained beam search, and HR/NDCG come from the target's rank. A
+most-popular-items ranking on the same split is reported beside it as a floor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from odllm.data.batches import left_pad
+from odllm.data.dataset import Example, Split
+from odllm.data.items import ItemCodes
+from odllm.data.prompts import SeqRecEncoder
+from odllm.eval.generation import ItemTrie, recommend
+from odllm.eval.metrics import ranking_metrics
+
+log = logging.getLogger(__name__)
+
+
+def score_examples(
+    model,
+    encoder: SeqRecEncoder,
+    trie: ItemTrie,
+    examples: Sequence[Example],
+    cfg: DictConfig,
+    pad_id: int,
+    desc: str = "test",
+) -> dict:
+    """Beam-search ranking of ``examples`` -> metrics dict (values with standard errors)."""
+    start = time.perf_counter()
+    recs = recommend(
+        model,
+        [encoder.prompt(e.history, cfg.template) for e in examples],
+        [encoder.item(e.target) for e in examples],
+        trie,
+        num_beams=cfg.num_beams,
+        batch_size=cfg.batch_size,
+        pad_id=pad_id,
+        progress=cfg.progress,
+        desc=desc,
+    )
+    return {
+        "metrics": ranking_metrics(recs.ranks, cfg.num_beams, cfg.ks),
+        "users": len(examples),
+        "num_beams": cfg.num_beams,
+        "invalid_beams": recs.invalid_beams,
+        "short_beams": recs.short_beams,
+        "seconds": round(time.perf_counter() - start, 2),
+        "_recommendations": recs,
+    }
+
+
+@torch.no_grad()
+def fidelity(
+    dense, compressed, encoder: SeqRecEncoder, examples: Sequence[Example], dense_top, compressed_top,
+    *, template: int, batch_size: int, pad_id: int, top_k: int = 10,
+) -> dict:
+    """How close a compressed model stays to its dense parent on the test prompts.
+
+    ``kl``: mean KL(dense || compressed) of the next-token distributions at the positions that predict the
+    target's code tokens (teacher-forced); ``top10_overlap``: mean share of the dense model's top-10
+    recommended items that the compressed model also recommends.
+    """
+    dense.eval()
+    compressed.eval()
+    total_kl, positions = 0.0, 0
+    depth = encoder.item_codes.code_length
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        ids, mask = left_pad([encoder.prompt(e.history, template) + encoder.item(e.target) for e in chunk], pad_id)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logp = [
+            torch.log_softmax(m(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -depth - 1 : -1], -1)
+            for m in (dense, compressed)
+        ]
+        total_kl += (logp[0].exp() * (logp[0] - logp[1])).sum().item()
+        positions += logp[0].shape[0] * depth
+    overlap = [
+        len(set(d[:top_k]) & set(c[:top_k])) / max(1, min(top_k, len(d)))
+        for d, c in zip(dense_top, compressed_top, strict=True)
+    ]
+    return {"kl": total_kl / positions, "top10_overlap": sum(overlap) / len(overlap)}
+
+
+def popularity_baseline(split: Split, encoder: SeqRecEncoder, examples: Sequence[Example], ks) -> dict:
+    """Most popular codes among everything a test user could have seen (train items + valid targets)."""
+    counts: Counter = Counter()
+    for seq in split.train.values():
+        counts.update(tuple(encoder.item(i)) for i in seq)
+    counts.update(tuple(encoder.item(e.target)) for e in split.valid)
+    length = max(ks)
+    top = [code for code, _ in counts.most_common(length)]
+    rank_of = {code: r + 1 for r, code in enumerate(top)}
+    ranks = torch.tensor([rank_of.get(tuple(encoder.item(e.target)), 0) for e in examples])
+    return ranking_metrics(ranks, length, ks)
+
+
+def public(result: dict) -> dict:
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def check_items(item_codes: ItemCodes, split: Split, model_dir: Path, dataset: str) -> None:
+    """Every item of the split must have a code in the model's index, else the model is for other data."""
+    unknown = {i for seq in split.train.values() for i in seq} | {e.target for e in split.test}
+    unknown -= item_codes.codes.keys()
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} items of dataset={dataset} are not in the model's item index (e.g. "
+            f"{sorted(unknown)[:5]}): the model at {model_dir} was trained on another dataset"
+        )
+
+
+
+

@@ -1,0 +1,42 @@
+"""evaluate.py: score a saved model directory (dense or compressed) on the test split."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from odllm.compress.saved import load_recommender
+from odllm.data.dataset import leave_one_out, load_dataset
+from odllm.eval.metrics import format_metrics
+from odllm.eval.protocol import check_items, popularity_baseline, public, score_examples
+from odllm.files import write_json
+from odllm.model.artifacts import dense_model_dir
+from odllm.runner.loggers import log_results, run_logger
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
+    """evaluate.py: score a saved model directory (dense or compressed) on the test split."""
+    model_dir = dense_model_dir(cfg.paths.models_dir, cfg.dataset.name, cfg.get("model_dir"))
+    rec = load_recommender(model_dir)
+    split = leave_one_out(load_dataset(cfg.dataset), cfg.task.max_history)
+    check_items(rec.item_codes, split, model_dir, cfg.dataset.name)
+    examples = split.test
+    result = score_examples(rec.model, rec.encoder, rec.trie(), examples, cfg.eval, rec.tokenizer.pad_token_id)
+    payload = {
+        "dataset": cfg.dataset.name,
+        "model_dir": str(model_dir),
+        "compression": rec.meta.get("compression"),  # method and ratio of a compressed model, None when dense
+        "test": public(result),
+        "popularity": popularity_baseline(split, rec.encoder, examples, cfg.eval.ks),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json(Path(output_dir) / "metrics.json", payload)
+    log.info("test  %s", format_metrics(result["metrics"]))
+    log.info("popularity  %s", format_metrics(payload["popularity"]))
+    with run_logger(cfg, output_dir, "evaluate") as logger:
+        log_results(logger, payload, Path(output_dir))
+    return payload
