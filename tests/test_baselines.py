@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from test_compression import batches, logits, sequences, tiny_model
 
+from odllm import config
 from odllm.compress.gptq import GPTQ, gptq_quantize, hessian, weighted_error
 from odllm.compress.lowrank import LowRankLinear
 from odllm.compress.lowrank_method import factorise_linear
@@ -240,9 +241,10 @@ def trained(tmp_path_factory):
     overrides = [*tiny_overrides(root), "trainer.max_epochs=1", "calibration.size=32", "calibration.batch_size=8"]
     train(compose_config(overrides), root / "train")
     cfg = compose_config(overrides)
-    dense, split = load_dense(cfg)
+    dense, split = load_dense(config.model_dir(cfg), config.dataset_source(cfg), cfg.task.max_history)
     pad_id = dense.tokenizer.pad_token_id
-    dense_result = score_examples(dense.model, dense.encoder, dense.trie(), split.test, cfg.eval, pad_id, "dense")
+    settings = config.eval_settings(cfg)
+    dense_result = score_examples(dense.model, dense.encoder, dense.trie(), split.test, settings, pad_id, "dense")
     return root, overrides, dense, split, dense_result
 
 
@@ -252,7 +254,8 @@ def test_each_baseline_runs_through_compress_recommender_and_reloads(trained, na
     root, overrides, dense, split, dense_result = trained
     cfg = compose_config([*overrides, f"method={name}", f"method.embeddings={embeddings}"])
     run_dir = root / "runs" / f"{name}-{embeddings}"
-    result = compress_recommender(dense, split, cfg, cfg.method, run_dir, dense_result)
+    job = config.compression_job(cfg)
+    result = compress_recommender(dense, split, config.plain(cfg.method), job, run_dir, dense_result)
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved["test"]["invalid_beams"] == 0 and saved["method"]["name"] == name
     sizes = saved["sizes"]
@@ -268,7 +271,7 @@ def test_each_baseline_runs_through_compress_recommender_and_reloads(trained, na
         assert sizes["disk"]["bytes_after"] < sizes["model"]["bytes_after"] + 32_768
     reloaded = load_recommender(result["model_dir"])
     assert reloaded.meta["compression"]["method"] == name
-    again = score_examples(reloaded.model, reloaded.encoder, reloaded.trie(), split.test, cfg.eval,
+    again = score_examples(reloaded.model, reloaded.encoder, reloaded.trie(), split.test, config.eval_settings(cfg),
                            reloaded.tokenizer.pad_token_id, name)
     assert again["metrics"] == result["test"]["metrics"]
 

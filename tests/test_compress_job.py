@@ -83,8 +83,8 @@ def test_benchmark_resumes_from_its_stored_rows(tmp_path, trained, monkeypatch):
     computed = []
     real = benchmark.compress_recommender
     monkeypatch.setattr(benchmark, "compress_recommender",
-                        lambda dense, split, cfg, method, *a: computed.append((method.name, cfg.ratio))
-                        or real(dense, split, cfg, method, *a))
+                        lambda dense, split, method, job, *a: computed.append((method["name"], job.ratio))
+                        or real(dense, split, method, job, *a))
 
     def run(*overrides):
         cfg = compose_config([*trained, "bench.methods=[svd]", f"bench.out={tmp_path}/b", "bench.test_users=20",

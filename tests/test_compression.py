@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import odllm.compress.driver as compression
+import odllm.compress.align as alignment
 from odllm.compress.lowrank import LowRankLinear
 from odllm.compress.lowrank_method import compress_model
 from odllm.compress.saved import load_compressed, save_compression_config
@@ -173,7 +173,7 @@ def test_a_layer_whose_refit_hurts_is_reverted(monkeypatch, dense, data):
             module.B.weight.mul_(3.0)
         return {name: {"refit_kept": True} for name in group}
 
-    monkeypatch.setattr(compression, "refit_group", harmful_refit)
+    monkeypatch.setattr(alignment, "refit_group", harmful_refit)
     model, report = compressed(dense, data, ratio=0.5, whiten=True, align="BA")
     reference, _ = compressed(dense, data, ratio=0.5, whiten=True, align=False)
     for layer in report["layers"]:
@@ -225,7 +225,7 @@ def test_dead_input_channel_is_whitened_with_jitter_and_logged(caplog, data):
     dense = tiny_model(seed=2)
     with torch.no_grad():
         dense.model.embed_tokens.weight[:, 3] = 0.0  # layer 0 never sees input channel 3
-    with caplog.at_level(logging.INFO, logger="odllm.compress.driver"):
+    with caplog.at_level(logging.INFO, logger="odllm.compress.lowrank_method"):
         model, report = compressed(dense, data, ratio=0.5, whiten=True, align="BA")
     q_proj = next(e for e in report["matrices"] if e["name"] == "model.layers.0.self_attn.q_proj")
     assert q_proj["jitter"] > 0 and "model.layers.0.self_attn.q_proj" in caplog.text

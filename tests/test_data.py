@@ -1,5 +1,6 @@
 """Readers (atomic, LC-Rec, CSV) on small files written here, their errors, the split and the ml-100k fetch."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -8,9 +9,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
-from odllm.data.dataset import leave_one_out, load_dataset
+from odllm.data.dataset import DatasetSource, leave_one_out, load_dataset
 from odllm.data.fetch import grouplens_to_atomic, recbole_files
 from odllm.data.readers import DataError
 
@@ -18,8 +18,8 @@ SHARED = Path(os.environ.get("ODLLM_DATA_DIR", Path(__file__).parents[2] / "shar
 
 
 def lcrec_cfg(tmp_path, **kw):
-    return OmegaConf.create({"name": "Toy", "format": "lcrec", "dir": str(tmp_path), "min_interactions": 3,
-                             "require_index": True, **kw})
+    return DatasetSource(**{"name": "Toy", "format": "lcrec", "dir": str(tmp_path), "min_interactions": 3,
+                            "require_index": True, **kw})
 
 
 def write_lcrec(tmp_path, inter, index):
@@ -77,7 +77,7 @@ def test_atomic_reader_orders_by_time_and_keeps_text(tmp_path):
         "1\t10\t5\t300\n1\t11\t3\t100\n1\t12\t4\t200\n2\t10\t1\t5\n2\t13\t1\t5\n2\t11\t1\t1\n"
     )
     (tmp_path / "toy.item").write_text("item_id:token\tmovie_title:token_seq\tclass:token_seq\n10\tHeat\tCrime\n")
-    cfg = OmegaConf.create({"name": "toy", "format": "atomic", "dir": str(tmp_path), "min_interactions": 3})
+    cfg = DatasetSource(**{"name": "toy", "format": "atomic", "dir": str(tmp_path), "min_interactions": 3})
     ds = load_dataset(cfg)
     assert ds.sequences == {"1": ["11", "12", "10"], "2": ["11", "10", "13"]}  # ties keep file order
     assert ds.item_text == {"10": "Heat; Crime"}
@@ -92,7 +92,7 @@ def test_atomic_reader_orders_by_time_and_keeps_text(tmp_path):
 def test_csv_reader(tmp_path):
     path = tmp_path / "mine.tsv"
     path.write_text("user\titem\ttimestamp\ttitle\nu\ta\t3\tA\nu\tb\t1\tB\nu\tc\t2\t\nv\ta\t1\tA\n")
-    cfg = OmegaConf.create({"name": "mine", "format": "csv", "path": str(path), "min_interactions": 3})
+    cfg = DatasetSource(**{"name": "mine", "format": "csv", "path": str(path), "min_interactions": 3})
     ds = load_dataset(cfg)
     assert ds.sequences == {"u": ["b", "c", "a"]} and ds.dropped_users == 1
     assert ds.item_text == {"a": "A", "b": "B"}
@@ -121,10 +121,10 @@ def test_grouplens_zip_is_checked_and_converted(tmp_path):
     files = grouplens_to_atomic(archive, expected_md5=hashlib.md5(archive).hexdigest())
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
-    cfg = OmegaConf.create({"name": "ml-100k", "format": "atomic", "dir": str(tmp_path), "min_interactions": 2})
+    cfg = DatasetSource(**{"name": "ml-100k", "format": "atomic", "dir": str(tmp_path), "min_interactions": 2})
     with pytest.raises(ValueError, match="at least 3"):
         load_dataset(cfg)
-    cfg.min_interactions = 3
+    cfg = dataclasses.replace(cfg, min_interactions=3)
     with pytest.raises(DataError, match="no user has at least 3"):
         load_dataset(cfg)
     lines = files["ml-100k.item"].decode().splitlines()
@@ -150,7 +150,7 @@ def test_recbole_wheel_files_are_checksummed(tmp_path):
      ("Games", "lcrec", (50_546, 16_859, 452_989))],
 )
 def test_shared_data_statistics(name, fmt, stats):
-    cfg = OmegaConf.create({"name": name, "format": fmt, "dir": str(SHARED / name), "min_interactions": 3,
+    cfg = DatasetSource(**{"name": name, "format": fmt, "dir": str(SHARED / name), "min_interactions": 3,
                             "require_index": True})
     ds = load_dataset(cfg)
     assert (ds.stats.users, ds.stats.items, ds.stats.interactions) == stats

@@ -8,10 +8,11 @@ import torch
 from conftest import compose_config, tiny_overrides, write_synthetic_interactions
 from omegaconf import OmegaConf
 
+from odllm import config
 from odllm.data.dataset import Dataset, leave_one_out
 from odllm.data.items import item_codes_for, learned_index_path
 from odllm.data.readers import DataError
-from odllm.index.build import build_index, disambiguate, item_embeddings, uniform_mapping
+from odllm.index.build import IndexSettings, Sinkhorn, build_index, disambiguate, item_embeddings, uniform_mapping
 from odllm.index.embeddings import text_embeddings, text_encoder_dir
 from odllm.index.rqvae import RQVAE, sinkhorn, train_rqvae
 from odllm.runner.train import train
@@ -65,7 +66,7 @@ def test_uniform_mapping_then_extra_level_leaves_no_collision():
     train_rqvae(model, x, epochs=3, batch_size=32, lr=1e-3, weight_decay=0.0, kmeans_iters=5,
                 sinkhorn_last=None, seed=0, progress=False)
     nearest = model.codes(x)
-    mapped = uniform_mapping(model, x, nearest, OmegaConf.create({"epsilon": 0.003, "iters": 50, "rounds": 20}))
+    mapped = uniform_mapping(model, x, nearest, Sinkhorn(epsilon=0.003, iters=50, rounds=20))
     def distinct(c):
         return len({tuple(r) for r in c.tolist()})
     assert distinct(mapped) > distinct(nearest)
@@ -95,7 +96,11 @@ def index_overrides(tmp_path) -> list[str]:
 
 
 def test_written_index_is_collision_free_lcrec_format_and_trains(tmp_path):
-    report = build_index(compose_config(index_overrides(tmp_path), "index"), tmp_path / "run")
+    cfg = compose_config(index_overrides(tmp_path), "index")
+    report = build_index(
+        IndexSettings.from_mapping(OmegaConf.to_container(cfg.index, resolve=True)), config.dataset_source(cfg),
+        max_history=cfg.task.max_history, seed=cfg.seed, indices_dir=cfg.paths.indices_dir, output_dir=tmp_path / "run",
+    )
     path = tmp_path / "indices" / "toy-collaborative.index.json"
     index = json.loads(path.read_text())
     assert len(index) == 24 and report["collisions"]["nearest_code"]["colliding_items"] > 0
@@ -119,30 +124,27 @@ def test_learned_index_errors_name_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.index.json not found"):
         learned_index_path("nope", tmp_path)
     (tmp_path / "other.index.json").write_text(json.dumps({"1": ["<a_0>"]}))
-    cfg = OmegaConf.create({"dataset": {"item_tokens": "learned", "index": "other"},
-                            "paths": {"indices_dir": str(tmp_path)}})
     with pytest.raises(DataError, match="other.index.json has no code for 1 items of toy .*rebuild"):
-        item_codes_for(cfg, Dataset("toy", {"u": ["1", "2", "1"]}))
+        item_codes_for(Dataset("toy", {"u": ["1", "2", "1"]}), "learned", "other", tmp_path)
     (tmp_path / "bad.index.json").write_text(json.dumps({"1": "<a_0>"}))
     with pytest.raises(DataError, match="bad.index.json: item '1' must map to a non-empty list"):
-        item_codes_for(OmegaConf.merge(cfg, {"dataset": {"index": str(tmp_path / "bad.index.json")}}), Dataset("t", {}))
+        item_codes_for(Dataset("t", {}), "learned", str(tmp_path / "bad.index.json"), tmp_path)
 
 
 def test_collaborative_embeddings_use_only_training_interactions():
-    cfg = OmegaConf.create({"index": {"collaborative": {"dim": 4, "window": 2}}, "task": {"max_history": 20},
-                            "seed": 0})
+    settings = IndexSettings(collaborative={"dim": 4, "window": 2})
     base = {f"u{u}": [str((u + t) % 10) for t in range(6)] for u in range(10)}
-    emb = item_embeddings(cfg, Dataset("toy", base), "collaborative")
+    emb = item_embeddings(settings, Dataset("toy", base), "collaborative", 20, 0)
     assert emb.shape == (10, 4)
     # every valid and test target replaced: the embeddings cannot change
     moved = {u: seq[:-2] + [seq[-1], seq[-2]] for u, seq in base.items()}
     moved["u0"] = base["u0"][:-2] + ["8", "5"]
-    assert torch.equal(item_embeddings(cfg, Dataset("toy", moved), "collaborative"), emb)
+    assert torch.equal(item_embeddings(settings, Dataset("toy", moved), "collaborative", 20, 0), emb)
     # an item seen only as a valid/test target has no training signal at all
     only_test = {**base, "u0": base["u0"][:-1] + ["new"]}
     ds = Dataset("toy", only_test)
     assert "new" not in {i for s in leave_one_out(ds).train.values() for i in s}
-    out = item_embeddings(cfg, ds, "collaborative")
+    out = item_embeddings(settings, ds, "collaborative", 20, 0)
     assert torch.count_nonzero(out[ds.items.index("new")]) == 0
 
 

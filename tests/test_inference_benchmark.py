@@ -8,13 +8,8 @@ import pytest
 import torch
 from conftest import compose_config
 
-from odllm.bench.inference import (
-    describe_model,
-    disk_bytes,
-    memory_bytes,
-    resolve_models,
-    run_inference_benchmark,
-)
+from odllm.bench.inference import resolve_models, run_inference_benchmark
+from odllm.bench.weights import describe_model, disk_bytes, memory_bytes
 from odllm.compress.saved import load_recommender
 from odllm.runner.compress import compress
 from odllm.runner.train import train

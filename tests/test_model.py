@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from odllm.data.items import atomic_codes
-from odllm.model.backbone import add_dropout, build_model, merge
+from odllm.model.backbone import BackboneSpec, add_dropout, build_model, merge
 from odllm.model.recommender import Recommender
 from odllm.model.tokenizer import train_tokenizer
 
@@ -20,7 +19,7 @@ LORA = {"r": 4, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_pro
 def model_cfg(**kw):
     base = {"source": "scratch", "path": None, "finetune": "full", "tokenizer_vocab": 300, "config": TINY,
             "lora": LORA}
-    return OmegaConf.create({**base, **kw})
+    return BackboneSpec(**{**base, **kw})
 
 
 def save_tiny_hf_checkpoint(path):

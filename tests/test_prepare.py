@@ -5,9 +5,8 @@ import json
 
 import pytest
 from conftest import compose_config
-from omegaconf import OmegaConf
 
-from odllm.data.dataset import load_dataset
+from odllm.data.dataset import DatasetSource, load_dataset
 from odllm.data.prepare import k_core, prepare, prepare_amazon
 from odllm.data.readers import DataError
 
@@ -84,9 +83,10 @@ def test_prepare_entry_writes_lcrec_files_that_load_with_item_text(tmp_path):
     amazon_files(tmp_path / "raw")
     cfg = compose_config([f"prepare.raw_dir={tmp_path / 'raw'}", "prepare.category=Toys", "prepare.name=ToyShop",
                           f"prepare.out_dir={tmp_path / 'data'}"], "prepare")
-    out = prepare(cfg)
+    p = cfg.prepare
+    out = prepare(p.raw_dir, p.category, p.name, p.out_dir, p.k)
     assert sorted(p.name for p in out.iterdir()) == ["ToyShop.inter.json", "ToyShop.item.json"]
-    ds = load_dataset(OmegaConf.create({"name": "ToyShop", "format": "lcrec", "dir": str(out), "min_interactions": 3,
+    ds = load_dataset(DatasetSource(**{"name": "ToyShop", "format": "lcrec", "dir": str(out), "min_interactions": 3,
                                         "require_index": False}))
     assert ds.stats.users == 5 and ds.stats.items == 5 and ds.stats.interactions == 25
     assert ds.item_text["0"] == "Toy B01 & friends; Toys, Blocks; Acme"
@@ -97,7 +97,9 @@ def test_full_review_file_is_used_without_a_5_core_file(tmp_path):
     five.rename(tmp_path / "Toys.json.gz")
     cfg = compose_config([f"prepare.raw_dir={tmp_path}", "prepare.category=Toys", f"prepare.out_dir={tmp_path}"],
                          "prepare")
-    assert json.loads((prepare(cfg) / "Toys.inter.json").read_text())["1"] == [0, 1, 2, 3, 4]
+    p = cfg.prepare
+    assert json.loads((prepare(p.raw_dir, p.category, p.name, p.out_dir, p.k) / "Toys.inter.json").read_text())["1"] \
+        == [0, 1, 2, 3, 4]
 
 
 def test_bad_files_name_the_path_and_line(tmp_path):

@@ -13,7 +13,7 @@ from conftest import compose_config
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
-from odllm import report
+from odllm.bench import report
 from odllm.runner.loggers import has_wandb_credentials, scalars, wandb_mode
 from odllm.runner.train import train
 

@@ -20,9 +20,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from odllm import config
 from odllm.bench.report import metric_cell, setting
 from odllm.compress.pipeline import compress_recommender, load_dense
-from odllm.compress.registry import method_config, model_tag, uses_ratio
+from odllm.compress.registry import model_tag, uses_ratio
 from odllm.eval.generation import Recommendations
 from odllm.eval.protocol import public, score_examples
 from odllm.files import write_file_atomically, write_json, write_text
@@ -34,7 +35,7 @@ RUN_KEYS = ("method", "ratio", "storage", "sizes", "test", "fidelity", "compress
 
 
 def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
-    dense, split = load_dense(cfg)
+    dense, split = load_dense(config.model_dir(cfg), config.dataset_source(cfg), cfg.task.max_history)
     users, note = cfg.bench.test_users, "all test users"
     if users is not None and users < len(split.test):  # a seeded subset: a sweep at a fraction of the cost
         note = f"a random subset of the {len(split.test)} test users (seed {cfg.seed})"
@@ -44,7 +45,8 @@ def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
     done, dense_result = previous_results(out, protocol) if cfg.bench.resume else ({}, None)
     pad_id = dense.tokenizer.pad_token_id
     if dense_result is None:
-        dense_result = score_examples(dense.model, dense.encoder, dense.trie(), split.test, cfg.eval, pad_id, "dense")
+        evaluation = config.eval_settings(cfg)
+        dense_result = score_examples(dense.model, dense.encoder, dense.trie(), split.test, evaluation, pad_id, "dense")
         recommendations = dataclasses.asdict(dense_result["_recommendations"])
         stored = {"result": public(dense_result), "recommendations": recommendations}
         write_file_atomically(out.with_suffix(".dense.pt"), lambda tmp: torch.save(stored, tmp))
@@ -57,14 +59,14 @@ def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
         "runs": [],
     }
     for ratio, method in settings(cfg):
-        run_cfg = OmegaConf.merge(cfg, {"ratio": ratio})
-        key = run_key(OmegaConf.to_container(method, resolve=True), ratio if uses_ratio(method) else None)
+        job = dataclasses.replace(config.compression_job(cfg), ratio=ratio)
+        key = run_key(method, ratio if uses_ratio(method) else None)
         if key in done:
-            log.info("reusing %s (ratio %s) from %s.json (bench.resume=false recomputes)", method.name, ratio, out)
+            log.info("reusing %s (ratio %s) from %s.json (bench.resume=false recomputes)", method["name"], ratio, out)
             payload["runs"].append(done[key])
             continue
-        run_dir = Path(output_dir) / "-".join(filter(None, [method.name, model_tag(method, ratio)]))
-        run = compress_recommender(dense, split, run_cfg, method, run_dir, dense_result)
+        run_dir = Path(output_dir) / "-".join(filter(None, [method["name"], model_tag(method, ratio)]))
+        run = compress_recommender(dense, split, method, job, run_dir, dense_result)
         payload["runs"].append({k: run[k] for k in RUN_KEYS})
         write_outputs(out, payload)  # after every run: a stopped sweep resumes from here
     write_outputs(out, payload)  # also when every row was reused
@@ -114,12 +116,12 @@ def previous_results(out: Path, protocol: dict) -> tuple[dict[str, dict], dict |
     return {run_key(run["method"], run["ratio"]): run for run in previous["runs"]}, dense_result
 
 
-def settings(cfg: DictConfig) -> list[tuple[float, DictConfig]]:
+def settings(cfg: DictConfig) -> list[tuple[float, dict]]:
     """(ratio, method) pairs: low-rank methods at every ``bench.ratios``, the others once (ratio unused); with a
     ``bench.embeddings`` list, every method once per embeddings choice (null = float32, int8)."""
-    methods = [method_config(cfg, name) for name in cfg.bench.methods]  # unknown names fail before any work
+    methods = [config.method_config(cfg, name) for name in cfg.bench.methods]  # unknown names fail before any work
     if cfg.bench.get("embeddings") is not None:
-        methods = [OmegaConf.merge(m, {"embeddings": e}) for m in methods for e in cfg.bench.embeddings]
+        methods = [{**m, "embeddings": e} for m in methods for e in cfg.bench.embeddings]
     pairs = [(ratio, m) for ratio in cfg.bench.ratios for m in methods if uses_ratio(m)]
     return pairs + [(cfg.ratio, m) for m in methods if not uses_ratio(m)]
 

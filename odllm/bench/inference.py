@@ -19,6 +19,8 @@ are paired per repeat. ``fuse=true`` fuses the projections that share an input (
 dense included; ``fuse=both`` measures every model also fused (``<label>+fused``). ``profile=true`` adds, per
 model, where batch-1 time goes (:mod:`odllm.bench.profile`).
 Outputs: ``<out>.json``, ``<out>.md``, ``<out>.png`` (and ``<out>-profile.txt``).
+This module is the driver; the worker processes are :mod:`odllm.bench.worker`, what a model holds and weighs is
+:mod:`odllm.bench.weights`, the Markdown table and plot :mod:`odllm.bench.inference_report`.
 """
 
 from __future__ import annotations
@@ -28,309 +30,23 @@ import logging
 import os
 import platform
 import random
-import resource
 import statistics
-import subprocess
-import sys
 import time
-import traceback
-from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import hydra
 import torch
-from torch import nn
+from omegaconf import DictConfig, OmegaConf
 
-from odllm.bench.fusion import FusedMember, fuse_projections
-from odllm.compress.driver import decoder_layers
-from odllm.compress.storage import is_compressed, storage
+from odllm.bench.inference_report import markdown_report, plot
+from odllm.bench.profile import profile_report
+from odllm.bench.worker import WorkerProcess
+from odllm.data.dataset import leave_one_out, load_dataset
+from odllm.files import write_json, write_text
 from odllm.model.artifacts import dense_model_dir
 
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
-
-# Worker processes import this module: besides torch it imports only odllm's model code (which the baseline
-# process imports too), not Hydra, Lightning or torchmetrics.
-
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DENSE = "dense"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Weight bytes (in memory and on disk) and what a saved model really holds
-
-
-def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(full name, module)`` of the weight modules in the decoder layers: each linear, compressed module or fused
-    projection, not the linears inside them (a low-rank module's A and B are part of it)."""
-    names = {id(m): n for n, m in model.named_modules()}
-    found: list[tuple[str, nn.Module]] = []
-    for layer in decoder_layers(model):
-        for name, module in layer.named_modules(prefix=names[id(layer)]):
-            inside = bool(found) and name.startswith(found[-1][0] + ".")  # pre-order: parts follow their module
-            if not inside and (isinstance(module, nn.Linear | FusedMember) or is_compressed(module)):
-                found.append((name, module))
-    return found
-
-
-def _dtypes(roots: list[nn.Module]) -> dict[str, int]:
-    """Bytes per dtype of the tensors under ``roots`` (each once): what the storage really is."""
-    held: Counter = Counter()
-    for t in {id(t): t for root in roots for t in (*root.parameters(), *root.buffers())}.values():
-        held[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
-    return dict(held)
-
-
-def memory_bytes(model: nn.Module) -> dict:
-    """Weight bytes in memory and their dtypes: the whole model and the decoder linears alone."""
-    linears = [m for _, m in decoder_linears(model)]
-    return {"model": {**storage([model]), "dtypes": _dtypes([model])},
-            "decoder_linear": {**storage(linears), "dtypes": _dtypes(linears)}}
-
-
-def safetensors_sizes(path: Path) -> dict[str, int]:
-    """Bytes of every tensor in a safetensors file, from its header (the data is not read)."""
-    with path.open("rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return {name: info["data_offsets"][1] - info["data_offsets"][0] for name, info in header.items()
-            if name != "__metadata__"}
-
-
-def disk_bytes(directory: Path, linear_names: list[str]) -> dict:
-    """The safetensors files of a saved model: total file bytes, and the tensors of the decoder linears."""
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{directory} holds no *.safetensors weights")
-    sizes = {name: size for file in files for name, size in safetensors_sizes(file).items()}
-    prefixes = tuple(f"{name}." for name in linear_names)
-    return {"model": {"bytes": sum(f.stat().st_size for f in files), "files": [f.name for f in files]},
-            "decoder_linear": {"bytes": sum(b for name, b in sizes.items() if name.startswith(prefixes))}}
-
-
-def describe_model(directory: Path, model: nn.Module) -> dict:
-    """What a saved model is, from its own files and modules (nothing is assumed from its name).
-
-    ``simulated`` when the saved metadata says so, or when it claims compression while every decoder linear is
-    still a plain float ``nn.Linear`` (e.g. fake-quantized or masked weights in dense storage): such a model saves
-    neither bytes nor time, and every table says it.
-    """
-    meta, specs = ({} if not (directory / f).exists() else json.loads((directory / f).read_text())
-                   for f in ("odllm.json", "compression.json"))
-    kinds = Counter("lowrank" if isinstance(s, int) else s.get("kind", "?") for s in specs.values())
-    linears = [m for _, m in decoder_linears(model)]
-    compression = meta.get("compression")
-    flagged = bool((compression or {}).get("simulated") or ((compression or {}).get("settings") or {}).get("simulated")
-                   or any(isinstance(s, dict) and s.get("simulated") for s in specs.values()))
-    plain = all(type(m) is nn.Linear and m.weight.is_floating_point() for m in linears)
-    simulated = flagged or (compression is not None and plain)
-    held = _dtypes(linears)
-    storage = " + ".join(sorted(held, key=lambda d: -held[d]))
-    if compression is None and not specs:
-        label = f"dense ({storage})"
-    else:
-        ratio = (compression or {}).get("ratio")
-        kind_text = ", ".join(f"{n}x {k}" for k, n in sorted(kinds.items())) or "no compressed modules"
-        label = (f"{(compression or {}).get('method', '?')}{'' if ratio is None else f' r{ratio:g}'}: {kind_text}; "
-                 f"decoder linears held as {storage}")
-        if simulated:
-            label += "; SIMULATED: decoder linears are plain float linears (dense storage, no saving in bytes or time)"
-    return {"compression": compression, "compression_kinds": dict(kinds),
-            "decoder_linear_classes": dict(Counter(type(m).__name__ for m in linears)),
-            "decoder_linear_dtypes": held, "simulated": simulated, "label": label}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The worker: one fresh process per model, driven over stdin/stdout by the orchestrator
-
-
-def _maxrss_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _current_rss_bytes() -> int | None:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def import_runtime(dense_dir: str | None) -> None:
-    """What every worker imports before measuring: the baseline makes exactly these imports and stops."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    import odllm.eval.generation  # noqa: F401
-    import odllm.model.recommender  # noqa: F401
-
-    if dense_dir is not None:  # transformers imports model classes lazily: resolve the architecture's module too
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(dense_dir))]
-
-
-class Worker:
-    """One model in one process: loads it, then answers ``latency``, ``throughput`` and ``profile`` requests."""
-
-    def __init__(self, spec: dict):
-        from odllm.compress.saved import load_recommender
-
-        self.spec, self.directory = spec, Path(spec["model_dir"])
-        started = time.perf_counter()
-        self.rec = load_recommender(self.directory)
-        self.model = self.rec.model.eval()
-        self.about = describe_model(self.directory, self.model)  # before fusion, which renames the linears' classes
-        self.fused_groups = fuse_projections(self.model) if spec.get("fuse") else 0
-        self.load_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        self.trie = self.rec.trie()
-        self.trie_seconds = time.perf_counter() - started
-        self.pad_id = self.rec.tokenizer.pad_token_id
-        self.by_ids = {tuple(ids): item for item, ids in self.rec.encoder.item_ids.items()}
-        self.latency_users, self.throughput_users = spec["latency"], spec["throughput"]
-
-    def info(self) -> dict:
-        return {
-            "chunks": len(self.chunks()), "load_seconds": self.load_seconds, "trie_build_seconds": self.trie_seconds,
-            "fused_groups": self.fused_groups, "memory_bytes": memory_bytes(self.model),
-            "disk_bytes": disk_bytes(self.directory, [n for n, _ in decoder_linears(self.model)]),
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            **self.about,
-        }
-
-    def _recommend(self, users: list[dict], batch_size: int):
-        from odllm.eval.generation import recommend
-
-        encoder = self.rec.encoder
-        return recommend(self.model, [encoder.prompt(u["history"], self.spec["template"]) for u in users],
-                         [encoder.item(u["target"]) for u in users], self.trie, num_beams=self.spec["num_beams"],
-                         batch_size=batch_size, pad_id=self.pad_id, progress=False)
-
-    def recommend_one(self, user: dict) -> list[str]:
-        """One user's top-k items from the history: encode, beam search at batch 1, map codes to items."""
-        return [self.by_ids[c] for c in self._recommend([user], 1).top_codes[0][: self.spec["top_k"]]]
-
-    def latency(self, users: list[dict] | None = None, index: int | None = None) -> dict:
-        """Times one recommendation per user: ``users``, else latency user ``index``, else all of them."""
-        if users is None:
-            users = self.latency_users if index is None else [self.latency_users[index]]
-        seconds, cpu, tops = [], [], []
-        with torch.inference_mode():
-            for user in users:
-                started, cpu_started = time.perf_counter(), time.process_time()
-                tops.append(self.recommend_one(user))
-                seconds.append(time.perf_counter() - started)
-                cpu.append(time.process_time() - cpu_started)
-        return {"seconds": seconds, "cpu_seconds": cpu, "top": tops}
-
-    def chunks(self) -> list[list[dict]]:
-        """The throughput users in batches as ``recommend`` forms them (similar prompt lengths together)."""
-        users, size = sorted(self.throughput_users, key=lambda u: len(u["history"])), self.spec["batch_size"]
-        return [users[i : i + size] for i in range(0, len(users), size)]
-
-    def throughput(self, chunk: int | None = None) -> dict:
-        """Times recommending batch ``chunk`` of :meth:`chunks`, else every throughput user."""
-        users = self.throughput_users if chunk is None else self.chunks()[chunk]
-        with torch.inference_mode():
-            started = time.perf_counter()
-            self._recommend(users, self.spec["batch_size"])
-            seconds = time.perf_counter() - started
-        return {"seconds": seconds, "users": len(users), "users_per_second": len(users) / seconds}
-
-    def warmup(self, phase: str) -> dict:
-        """Untimed calls before a phase: ``latency`` (a few users at batch 1) or ``throughput`` (one batch),
-        kept apart so that the peak RSS after the batch-1 phase has seen no large batch."""
-        if self.spec["warmup"] > 0:
-            self.latency(self.latency_users[: self.spec["warmup"]]) if phase == "latency" else self.throughput(0)
-        return {}
-
-    def profile(self) -> dict:
-        from odllm.bench.profile import free_linears_floor, operator_table, time_breakdown
-
-        users = self.latency_users[: self.spec["profile_users"]]
-        return {"breakdown": {**time_breakdown(self, users), **free_linears_floor(self, users)},
-                "operators": operator_table(self, users)}
-
-
-def worker_main() -> None:
-    """Entry point of a worker process: one JSON request per stdin line, one JSON answer per line.
-
-    Anything a library prints goes to stderr; the answers use a private copy of the original stdout.
-    """
-    answers = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    spec = json.loads(sys.stdin.readline())
-    torch.set_num_threads(spec["threads"])
-    import_runtime(spec.get("dense_dir"))
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    answers.write(json.dumps({"maxrss_after_imports": _maxrss_bytes(), "threads": torch.get_num_threads()}) + "\n")
-    if spec.get("model_dir") is None:  # the baseline: imports only
-        return
-    worker = None
-    for line in sys.stdin:
-        request = json.loads(line)
-        try:
-            if request["cmd"] == "load":
-                worker = Worker(spec)
-                answer = {**worker.info(), "maxrss_after_load": _maxrss_bytes(), "rss_after_load": _current_rss_bytes()}
-            elif request["cmd"] == "memory":
-                answer = {"maxrss": _maxrss_bytes(), "rss": _current_rss_bytes()}
-            elif request["cmd"] == "quit":
-                answers.write(json.dumps({"maxrss": _maxrss_bytes()}) + "\n")
-                return
-            else:
-                answer = getattr(worker, request.pop("cmd"))(**request)
-        except Exception:  # noqa: BLE001 - reported to the orchestrator, which raises it
-            answer = {"error": traceback.format_exc()}
-        answers.write(json.dumps(answer) + "\n")
-
-
-class WorkerProcess:
-    """A worker in a fresh interpreter (``python -c``), so its memory is its own."""
-
-    def __init__(self, label: str, spec: dict, threads: int):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-               "TOKENIZERS_PARALLELISM": "false"}
-        self.label = label
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "from odllm.bench.inference import worker_main; worker_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, bufsize=1,
-        )
-        self.process.stdin.write(json.dumps(spec) + "\n")
-        self.process.stdin.flush()
-
-    def read(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the worker for {self.label} exited (code {self.process.wait()}); its stderr is above")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise RuntimeError(f"the worker for {self.label} failed:\n{answer['error']}")
-        return answer
-
-    def request(self, cmd: str, **arguments) -> dict:
-        self.process.stdin.write(json.dumps({"cmd": cmd, **arguments}) + "\n")
-        self.process.stdin.flush()
-        return self.read()
-
-    def close(self) -> None:
-        """Ask the worker to quit; kill it if it does not within a few seconds (or is stuck)."""
-        if self.process.poll() is None:
-            try:
-                self.process.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-                self.process.stdin.close()
-                self.process.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.process.kill()
-                self.process.wait()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The orchestrator
 
 
 def resolve_models(cfg: DictConfig) -> list[tuple[str, Path]]:
@@ -367,8 +83,6 @@ def history_length(cfg: DictConfig, dense_dir: Path) -> int:
 
 def sample_users(cfg: DictConfig, max_history: int) -> tuple[list[dict], list[dict]]:
     """Seeded test users: a set for batch-1 latency and a (possibly overlapping) set for throughput."""
-    from odllm.data.dataset import leave_one_out, load_dataset
-
     split = leave_one_out(load_dataset(cfg.dataset), max_history)
     rows = [{"user": e.user, "history": list(e.history), "target": e.target} for e in split.test]
     pick = random.Random(cfg.seed)
@@ -472,8 +186,6 @@ def _ratios(row: dict, dense: dict) -> dict:
 
 
 def run_inference_benchmark(cfg: DictConfig) -> dict:
-    from odllm.files import write_json, write_text
-
     if cfg.repeats < 1 or cfg.latency_users < 1 or cfg.throughput_users < 1 or cfg.threads < 1:
         raise ValueError("repeats, latency_users, throughput_users and threads must all be >= 1")
     if cfg.fuse not in (False, True, "both"):
@@ -544,107 +256,13 @@ def run_inference_benchmark(cfg: DictConfig) -> dict:
     write_text(out.with_suffix(".md"), markdown_report(payload))
     plot(payload, out.with_suffix(".png"))
     if profiles:
-        from odllm.bench.profile import profile_report
-
         write_text(f"{out}-profile.txt", profile_report(payload, {k: p["operators"] for k, p in profiles.items()}))
     log.info("inference benchmark written to %s.{json,md,png}%s in %.0f s", out,
              " and -profile.txt" if profiles else "", payload["seconds"])
     return payload
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Reports
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f}"  # MB of 10^6 bytes, as in the compression tables
-
-
-def markdown_report(payload: dict) -> str:
-    m, p = payload["machine"], payload["protocol"]
-    lines = [
-        f"# Inference benchmark: {payload['dataset']}", "",
-        f"{m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, {m['threads']} thread(s) per process; "
-        f"load average {m['load_average_before'][0]:.2f} before, {m['load_average_after'][0]:.2f} after (other jobs "
-        "inflate every number alike; ratios are paired: models interleaved call by call)"
-        + {True: "; q/k/v and gate/up fused in every model (odllm.bench.fusion).",
-           "both": "; '+fused' rows: the same model with q/k/v and gate/up fused (odllm.bench.fusion)."
-           }.get(p["fuse"], "."),
-        f"Latency: batch 1, {p['num_beams']} beams, history (up to {p['max_history']} items) -> top items, mean over "
-        f"{p['latency_users']} seeded test users per repeat, median [IQR] over {p['repeats']} repeats; CPU ms: process "
-        f"CPU time of the same calls. Throughput: {p['throughput_users']} seeded test users at the batch size shown. "
-        f"Peak RSS: one process per model; 'over baseline' subtracts a process with the same imports and no model "
-        f"({_mb(payload['baseline_maxrss_bytes'])} MB). Weights: parameters + persistent buffers in memory (shared "
-        "tensors once), safetensors bytes on disk.", "",
-    ]
-    head = ["model", "what it holds", "latency ms", "x dense", "CPU ms (x dense)", "users/s (batch)", "x dense",
-            "peak RSS MB", "over baseline MB (batch 1 / peak)", "weights in memory MB (model / decoder linears)",
-            "x dense", "on disk MB (model / decoder linears)", "x dense", "top-10 overlap"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in payload["rows"]:
-        lat, ratio, thr, r = row["latency_ms"], row["latency_ratio"], row["throughput_users_per_s"], row["ratios"]
-        mem, disk, over = row["memory_bytes"], row["disk_bytes"], row["maxrss_over_baseline_bytes"]
-        cells = [
-            row["label"], row["description"], f"{lat['median']:.1f} [{lat['q1']:.1f}-{lat['q3']:.1f}]",
-            f"{ratio['median']:.3f} [{ratio['q1']:.3f}-{ratio['q3']:.3f}]",
-            f"{row['cpu_ms']['median']:.1f} ({row['cpu_ratio']['median']:.3f})",
-            f"{thr['median']:.1f} ({row['batch_size']})", f"{row['throughput_ratio']['median']:.3f}",
-            _mb(row["maxrss_bytes"]["peak"]), f"{_mb(over['batch1'])} / {_mb(over['peak'])}",
-            f"{_mb(mem['model']['bytes'])} / {_mb(mem['decoder_linear']['bytes'])}",
-            f"{r['memory_model']:.3f} / {r['memory_decoder_linear']:.3f}",
-            f"{_mb(disk['model']['bytes'])} / {_mb(disk['decoder_linear']['bytes'])}",
-            f"{r['disk_model']:.3f} / {r['disk_decoder_linear']:.3f}", f"{row['top10_overlap_with_dense']:.3f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    simulated = [row["label"] for row in payload["rows"] if row["simulated"]]
-    if simulated:
-        lines += ["", f"SIMULATED compression (dense storage, no saving in bytes or time): {', '.join(simulated)}."]
-    lines += ["", f"Run took {payload['seconds']:.0f} s. Per-call latency percentiles, per-repeat values and "
-              "RSS after load are in the JSON."]
-    if "profile" in payload:
-        from odllm.bench.profile import profile_table
-
-        lines += ["", *profile_table(payload["profile"])]
-    return "\n".join(lines) + "\n"
-
-
-def plot(payload: dict, path: Path) -> None:
-    """Per model: latency, 1/throughput, weights (memory, disk) and peak RSS over baseline, relative to dense."""
-    from matplotlib.figure import Figure  # object API: no pyplot, no global backend; PNG renders with Agg
-
-    rows = payload["rows"]
-    series = [
-        ("batch-1 latency", lambda r: r["latency_ratio"]["median"]),
-        ("time per user at batch (1/throughput)", lambda r: 1 / r["throughput_ratio"]["median"]),
-        ("weights in memory (whole model)", lambda r: r["ratios"]["memory_model"]),
-        ("weights in memory (decoder linears)", lambda r: r["ratios"]["memory_decoder_linear"]),
-        ("weights on disk (whole model)", lambda r: r["ratios"]["disk_model"]),
-        ("peak RSS over baseline", lambda r: r["ratios"]["peak_rss_over_baseline"] or 0.0),
-    ]
-    fig = Figure(figsize=(max(6, 1.6 * len(rows) + 3), 4.5), layout="constrained")
-    ax = fig.subplots()
-    width = 0.8 / len(series)
-    for i, (name, value) in enumerate(series):
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))]
-        errors = None
-        if i == 0:  # the latency IQR
-            q = [r["latency_ratio"] for r in rows]
-            errors = [[max(0.0, x["median"] - x["q1"]) for x in q], [max(0.0, x["q3"] - x["median"]) for x in q]]
-        ax.bar(xs, [value(r) for r in rows], width, label=name, yerr=errors, capsize=2)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.axhline(0.65, color="tab:red", linestyle="--", linewidth=0.8, label="latency target 0.65")
-    ax.axhline(0.55, color="tab:purple", linestyle=":", linewidth=0.8, label="weights target 0.55")
-    ax.set_xticks(range(len(rows)), [r["label"] + (" (simulated)" if r["simulated"] else "") for r in rows],
-                  rotation=20, ha="right")
-    ax.set_ylabel("relative to dense")
-    ax.set_title(f"{payload['dataset']}: inference cost relative to dense (threads={payload['machine']['threads']})")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.savefig(path, dpi=120)
-
-
 def _run(cfg: DictConfig) -> None:
-    from omegaconf import OmegaConf
-
     keys = ("models", "threads", "repeats", "latency_users", "throughput_users", "batch_size", "batch_sizes", "fuse",
             "out")
     log.info("config:\n%s", OmegaConf.to_yaml({k: cfg[k] for k in keys}))
@@ -652,8 +270,6 @@ def _run(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    import hydra  # here, not at the top: worker processes import this module and need no Hydra
-
     hydra.main(version_base="1.3", config_path="../../conf", config_name="inference")(_run)()
 
 

@@ -12,15 +12,27 @@ from __future__ import annotations
 import statistics
 import time
 from collections import Counter, defaultdict
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from odllm.bench.inference import Worker, decoder_linears
+from odllm.bench.weights import decoder_linears
 
 CLOCK_KEY = {"process CPU time": "cpu_seconds", "wall time": "seconds"}
 SUMMARY = ("beam search outside the model ms", "total with hooks ms", "total without hooks ms",
            "real decoder linears ms", "free decoder linears ms", "free / real")
+
+
+class ProfiledWorker(Protocol):
+    """What profiling needs of :class:`odllm.bench.worker.Worker`, which imports this module to answer ``profile``
+    requests (so this module cannot import it back)."""
+
+    model: nn.Module
+
+    def latency(self, users: list[dict]) -> dict: ...
+
+    def recommend_one(self, user: dict) -> list[str]: ...
 
 
 class _FreeLinear(nn.Module):
@@ -44,7 +56,7 @@ def profile_clock() -> str:
     return "process CPU time" if torch.get_num_threads() == 1 else "wall time"
 
 
-def free_linears_floor(worker: Worker, users: list[dict], rounds: int = 3) -> dict:
+def free_linears_floor(worker: ProfiledWorker, users: list[dict], rounds: int = 3) -> dict:
     """Batch-1 latency with every decoder linear replaced by a free stand-in: a lower bound for any method that
     only makes the decoder linears cheaper (low rank, quantization, sparsity) in this runtime. The stand-ins return
     zeros, so the recommendations are meaningless; the work around them has the same shapes. Real and free
@@ -95,7 +107,7 @@ def _parts(model: nn.Module) -> dict[int, str]:
     return parts
 
 
-def time_breakdown(worker: Worker, users: list[dict]) -> dict:
+def time_breakdown(worker: ProfiledWorker, users: list[dict]) -> dict:
     """Where batch-1 time goes, from forward hooks timing each module (inclusive), split into exclusive parts.
 
     Attention without its linears is rotary application, SDPA, KV-cache update and reshapes; MLP activation is
@@ -161,11 +173,9 @@ def time_breakdown(worker: Worker, users: list[dict]) -> dict:
     }
 
 
-def operator_table(worker: Worker, users: list[dict], rows: int = 15) -> str:
+def operator_table(worker: ProfiledWorker, users: list[dict], rows: int = 15) -> str:
     """torch.profiler's top operators by self CPU time over the same batch-1 recommendations."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode():
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.inference_mode():
         for user in users:
             worker.recommend_one(user)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40)

@@ -11,10 +11,11 @@ import copy
 import logging
 import random
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from odllm.compress.driver import compress_layers
 from odllm.compress.embeddings import compress_embeddings
@@ -24,47 +25,70 @@ from odllm.compress.registry import build_algorithm, model_tag, uses_ratio
 from odllm.compress.saved import save_compression_config
 from odllm.compress.spectra import plot_spectra
 from odllm.data.batches import left_pad
-from odllm.data.dataset import Split, leave_one_out, load_dataset
+from odllm.data.dataset import DatasetSource, Split, leave_one_out, load_dataset
 from odllm.data.prompts import SeqRecEncoder, build_training_samples
 from odllm.eval.metrics import format_metrics
-from odllm.eval.protocol import check_items, fidelity, popularity_baseline, public, score_examples
+from odllm.eval.protocol import EvalSettings, check_items, fidelity, popularity_baseline, public, score_examples
 from odllm.files import write_json
-from odllm.model.artifacts import dense_model_dir
 from odllm.model.recommender import COMPRESSION_FILE, Recommender
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Which training prompts the statistics come from (the ``calibration`` config group)."""
+
+    size: int = 1024  # prompts drawn with the seed
+    batch_size: int = 16
+    tokens: str = "items"  # items: statistics from the history's item-code tokens only; all: every token
+
+
+@dataclass(frozen=True)
+class CompressionJob:
+    """What compressing one recommender needs besides the method: read once from the config by the runner."""
+
+    dataset: str
+    models_dir: str  # the compressed model is saved at <models_dir>/<dataset>-<method>-<tag>
+    ratio: float | None  # low-rank methods: fraction of each decoder linear's parameters kept
+    seed: int
+    max_history: int
+    window_stride: int | None  # healing's training windows
+    calibration: Calibration
+    eval: EvalSettings
+    config: dict = field(default_factory=dict)  # the whole resolved config, recorded in metrics.json
+
+
 def calibration_batches(
-    encoder: SeqRecEncoder, split: Split, cfg: DictConfig, *, max_history: int, seed: int, pad_id: int
+    encoder: SeqRecEncoder, split: Split, calibration: Calibration, *, max_history: int, seed: int, pad_id: int
 ) -> list[dict[str, torch.Tensor]]:
-    """``cfg.size`` training prompts (the task's own windows) drawn with ``seed``, left-padded in batches."""
+    """``calibration.size`` training prompts (the task's own windows) drawn with ``seed``, left-padded in batches."""
     samples = build_training_samples(
         encoder, split.train, mode="all_positions", max_history=max_history, stride=max_history, seed=seed
     )
-    if cfg.size > len(samples):
+    if calibration.size > len(samples):
         raise ValueError(
-            f"calibration.size={cfg.size} but the training split has only {len(samples)} prompts; "
+            f"calibration.size={calibration.size} but the training split has only {len(samples)} prompts; "
             f"use calibration.size<={len(samples)}"
         )
-    if cfg.tokens not in ("all", "items"):
-        raise ValueError(f"calibration.tokens={cfg.tokens!r}; choose 'all' or 'items'")
-    chosen = sorted(random.Random(seed).sample(samples, cfg.size), key=lambda s: len(s.input_ids))
+    if calibration.tokens not in ("all", "items"):
+        raise ValueError(f"calibration.tokens={calibration.tokens!r}; choose 'all' or 'items'")
+    chosen = sorted(random.Random(seed).sample(samples, calibration.size), key=lambda s: len(s.input_ids))
     item_tokens = torch.tensor(sorted(encoder.token_id.values()))
     batches = []
-    for i in range(0, len(chosen), cfg.batch_size):
-        ids, mask = left_pad([s.input_ids for s in chosen[i : i + cfg.batch_size]], pad_id)
+    for i in range(0, len(chosen), calibration.batch_size):
+        ids, mask = left_pad([s.input_ids for s in chosen[i : i + calibration.batch_size]], pad_id)
         batch = {"input_ids": ids, "attention_mask": mask}
-        if cfg.tokens == "items":  # statistics from history item tokens only, not the instruction text
+        if calibration.tokens == "items":  # statistics from history item tokens only, not the instruction text
             batch["statistics_mask"] = mask.bool() & torch.isin(ids, item_tokens)
         batches.append(batch)
     return batches
 
-def compressed_model_dir(cfg: DictConfig, method: str | DictConfig, ratio: float | None) -> Path:
+def compressed_model_dir(models_dir: str | Path, dataset: str, method: str | Mapping, ratio: float | None) -> Path:
     """``<models_dir>/<dataset>-<method>-<tag>``: the tag is r<ratio> for low-rank methods (a plain method
     name means one), the method's own settings otherwise (w4g128, s0.5, 2of4; none for bnb)."""
-    name, tag = (method, f"r{ratio:g}") if isinstance(method, str) else (method.name, model_tag(method, ratio))
-    return Path(cfg.paths.models_dir) / "-".join(part for part in (cfg.dataset.name, name, tag) if part)
+    name, tag = (method, f"r{ratio:g}") if isinstance(method, str) else (method["name"], model_tag(method, ratio))
+    return Path(models_dir) / "-".join(part for part in (dataset, name, tag) if part)
 
 def _safetensors_bytes(directory: str | Path | None) -> int | None:
     """Bytes of the weight files in a saved model directory (None when there is none)."""
@@ -72,50 +96,51 @@ def _safetensors_bytes(directory: str | Path | None) -> int | None:
     return sum(f.stat().st_size for f in files) if files else None
 
 def compress_recommender(
-    dense: Recommender, split: Split, cfg: DictConfig, method: DictConfig, output_dir: Path,
+    dense: Recommender, split: Split, method: Mapping, job: CompressionJob, output_dir: Path,
     dense_result: dict | None = None,
 ) -> dict:
     """Compress ``dense`` (left untouched), evaluate both on the test split, save the compressed model.
 
+    ``method``: a method config as a plain dict (``conf/method/*.yaml``, see :mod:`odllm.compress.registry`).
     ``dense_result`` (a :func:`score_examples` result of the dense model) saves its re-evaluation in sweeps.
     """
-    ratio = cfg.ratio if uses_ratio(method) else None
+    ratio = job.ratio if uses_ratio(method) else None
     algorithm = build_algorithm(method, ratio)  # settings (and a low-rank method's ratio) checked first
     if method.get("heal") and not uses_ratio(method):
-        raise ValueError(f"method {method.name!r}: heal works on low-rank methods only (their factors train); "
+        raise ValueError(f"method {method['name']!r}: heal works on low-rank methods only (their factors train); "
                          "remove heal from the method config")
     output_dir.mkdir(parents=True, exist_ok=True)
     pad_id = dense.tokenizer.pad_token_id
     batches = calibration_batches(
-        dense.encoder, split, cfg.calibration, max_history=cfg.task.max_history, seed=cfg.seed, pad_id=pad_id
+        dense.encoder, split, job.calibration, max_history=job.max_history, seed=job.seed, pad_id=pad_id
     )
     started = time.perf_counter()
     model = copy.deepcopy(dense.model)
-    report = compress_layers(model, batches, algorithm, progress=cfg.eval.progress)
+    report = compress_layers(model, batches, algorithm, progress=job.eval.progress)
     seconds = time.perf_counter() - started
-    log.info("compressed with %s (%s) in %.1f s", method.name, model_tag(method, ratio) or "defaults", seconds)
+    log.info("compressed with %s (%s) in %.1f s", method["name"], model_tag(method, ratio) or "defaults", seconds)
     healing = None
     if method.get("heal"):  # optional distillation towards the dense model (odllm.compress.heal), training split only
         samples = build_training_samples(
-            dense.encoder, split.train, mode="all_positions", max_history=cfg.task.max_history,
-            stride=cfg.task.window_stride, seed=cfg.seed,
+            dense.encoder, split.train, mode="all_positions", max_history=job.max_history,
+            stride=job.window_stride, seed=job.seed,
         )
-        healing = heal(model, dense.model, samples, **method.heal, pad_id=pad_id, seed=cfg.seed,
-                       progress=cfg.eval.progress)
+        healing = heal(model, dense.model, samples, **method["heal"], pad_id=pad_id, seed=job.seed,
+                       progress=job.eval.progress)
     compress_embeddings(model, method.get("embeddings"), report)  # int8 embedding table and lm_head, or nothing
 
     trie = dense.trie()
     if dense_result is None:
-        dense_result = score_examples(dense.model, dense.encoder, trie, split.test, cfg.eval, pad_id, desc="dense")
-    result = score_examples(model, dense.encoder, trie, split.test, cfg.eval, pad_id, desc=method.name)
+        dense_result = score_examples(dense.model, dense.encoder, trie, split.test, job.eval, pad_id, desc="dense")
+    result = score_examples(model, dense.encoder, trie, split.test, job.eval, pad_id, desc=method["name"])
     close = fidelity(
         dense.model, model, dense.encoder, split.test,
         dense_result["_recommendations"].top_codes, result["_recommendations"].top_codes,
-        template=cfg.eval.template, batch_size=cfg.eval.batch_size, pad_id=pad_id,
+        template=job.eval.template, batch_size=job.eval.batch_size, pad_id=pad_id,
     )
-    about = {"method": method.name, "ratio": ratio, "settings": OmegaConf.to_container(method, resolve=True)}
+    about = {"method": method["name"], "ratio": ratio, "settings": dict(method)}
     compressed = Recommender(model, dense.tokenizer, dense.item_codes, {**dense.meta, "compression": about})
-    model_dir = compressed.save(compressed_model_dir(cfg, method, ratio),
+    model_dir = compressed.save(compressed_model_dir(job.models_dir, job.dataset, method, ratio),
                                 extra=lambda d: save_compression_config(model, d))
     sizes = report["totals"]
     sizes["disk"] = {  # the safetensors files as saved: what a device has to store and load
@@ -126,36 +151,35 @@ def compress_recommender(
         plot_spectra(report, output_dir / "spectra.png")
     report.pop("spectra")  # plotted; too bulky for the JSON report
     payload = {
-        "dataset": cfg.dataset.name,
-        "method": OmegaConf.to_container(method, resolve=True),
+        "dataset": job.dataset,
+        "method": dict(method),
         "ratio": ratio,
         "model_dir": str(model_dir),
         "dense_model_dir": dense.meta.get("model_dir"),
         "compress_seconds": round(seconds, 1),
         "heal": healing,
-        "calibration_sequences": cfg.calibration.size,
+        "calibration_sequences": job.calibration.size,
         "storage": report["settings"].get("storage", "float32 weights (low-rank factors where factorised)"),
         "sizes": sizes,
         "dense": public(dense_result),
         "test": public(result),
         "fidelity": close,
-        "popularity": popularity_baseline(split, dense.encoder, split.test, cfg.eval.ks),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "popularity": popularity_baseline(split, dense.encoder, split.test, job.eval.ks),
+        "config": job.config,
     }
     write_json(output_dir / "compression_report.json", report)
     write_json(output_dir / "metrics.json", payload)
     log.info("dense       %s", format_metrics(dense_result["metrics"]))
-    log.info("%-11s %s", method.name, format_metrics(result["metrics"]))
+    log.info("%-11s %s", method["name"], format_metrics(result["metrics"]))
     log.info("KL to dense %.4f, top-10 overlap %.3f", close["kl"], close["top10_overlap"])
     return payload
 
-def load_dense(cfg: DictConfig) -> tuple[Recommender, Split]:
-    """The dense model to compress (latest of the dataset, or ``model_dir``) and the dataset's split."""
-    model_dir = dense_model_dir(cfg.paths.models_dir, cfg.dataset.name, cfg.get("model_dir"))
+def load_dense(model_dir: Path, source: DatasetSource, max_history: int) -> tuple[Recommender, Split]:
+    """The dense model to compress and the split of the dataset it must have been trained on."""
     if (model_dir / COMPRESSION_FILE).exists():
         raise ValueError(f"{model_dir} holds a compressed model; pass model_dir=<the dense model train.py saved>")
     dense = Recommender.load(model_dir)
     dense.meta["model_dir"] = str(model_dir)
-    split = leave_one_out(load_dataset(cfg.dataset), cfg.task.max_history)
-    check_items(dense.item_codes, split, model_dir, cfg.dataset.name)
+    split = leave_one_out(load_dataset(source), max_history)
+    check_items(dense.item_codes, split, model_dir, source.name)
     return dense, split

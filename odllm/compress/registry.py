@@ -15,9 +15,8 @@ the decoder layers and is not a setting of the per-layer algorithm.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+from collections.abc import Mapping
 
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from odllm.compress.driver import LayerAlgorithm, compress_layers
@@ -34,12 +33,11 @@ KNOWN_METHODS = {
     "gptq": "gptq", "gptq8": "gptq", "sparsegpt": "sparsegpt", "sparsegpt24": "sparsegpt",
     "bnb_int8": "bnb", "bnb_nf4": "bnb",
 }
-CONF_DIR = Path(__file__).parents[2] / "conf"  # the repository's Hydra configs
 # run by odllm.compress.pipeline (heal, embeddings), not settings of the per-layer algorithm
 NOT_SETTINGS = ("name", "algorithm", "heal", "embeddings")
 
 
-def algorithm_name(method: DictConfig | dict) -> str:
+def algorithm_name(method: Mapping) -> str:
     """The algorithm a method config runs: its ``algorithm`` key, else the one its name is known by."""
     name = method.get("name")
     algorithm = method.get("algorithm") or KNOWN_METHODS.get(name)
@@ -64,15 +62,15 @@ def _algorithm_class(algorithm: str) -> type:
     return BitsAndBytes
 
 
-def uses_ratio(method: DictConfig | dict) -> bool:
+def uses_ratio(method: Mapping) -> bool:
     return algorithm_name(method) == "lowrank"
 
 
-def build_algorithm(method: DictConfig | dict, ratio: float | None = None) -> LayerAlgorithm:
+def build_algorithm(method: Mapping, ratio: float | None = None) -> LayerAlgorithm:
     """The algorithm object for ``method``; a setting the algorithm does not have is an error naming them all."""
     algorithm = algorithm_name(method)
     check_embeddings(method.get("embeddings"))
-    settings = OmegaConf.to_container(method, resolve=True) if isinstance(method, DictConfig) else dict(method)
+    settings = dict(method)
     settings = {key: value for key, value in settings.items() if key not in NOT_SETTINGS}
     cls = QuantizedLowRank if algorithm == "lowrank" and "factor_bits" in settings else _algorithm_class(algorithm)
     if cls is QuantizedLowRank and method.get("heal"):
@@ -89,7 +87,7 @@ def build_algorithm(method: DictConfig | dict, ratio: float | None = None) -> La
     return cls(**settings)
 
 
-def model_tag(method: DictConfig | dict, ratio: float | None) -> str:
+def model_tag(method: Mapping, ratio: float | None) -> str:
     """What tells runs of one method apart in a directory name: r0.5, w4g128, w8row, s0.5, 2of4 (bnb: nothing),
     followed by ``emb8`` when the embeddings are int8 (r0.5-emb8, emb8)."""
     algorithm = algorithm_name(method)
@@ -106,22 +104,7 @@ def model_tag(method: DictConfig | dict, ratio: float | None) -> str:
     return "-".join(filter(None, [tag, "emb8" if method.get("embeddings") == "int8" else ""]))
 
 
-def compress_with(model: nn.Module, batches: list[dict], method: DictConfig | dict, ratio: float | None = None, *,
+def compress_with(model: nn.Module, batches: list[dict], method: Mapping, ratio: float | None = None, *,
                   progress: bool = True) -> dict:
     """Compress ``model`` in place with the method's algorithm; the report of ``compress_layers``."""
     return compress_layers(model, batches, build_algorithm(method, ratio), progress=progress)
-
-
-def method_config(cfg: DictConfig, name: str | None = None) -> DictConfig:
-    """The ``method`` group entry, or ``conf/method/<name>.yaml`` when train.py names one in ``compress=``;
-    its algorithm is checked here, so a bad method fails before any training or calibration."""
-    if name is None or name == cfg.method.name:
-        method = cfg.method
-    else:
-        path = CONF_DIR / "method" / f"{name}.yaml"
-        if not path.exists():
-            known = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
-            raise ValueError(f"unknown compression method {name!r}; choose one of {known}")
-        method = OmegaConf.load(path)
-    algorithm_name(method)
-    return method

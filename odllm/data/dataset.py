@@ -6,12 +6,11 @@ few interactions are dropped and counted, never silently.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from omegaconf import DictConfig
 
 from odllm.data.fetch import fetch_ml100k
 from odllm.data.readers import DataError, read_atomic, read_interactions_csv, read_lcrec
@@ -74,36 +73,56 @@ def leave_one_out(dataset: Dataset, max_history: int = 20) -> Split:
         test.append(Example(user, seq[:-1][-max_history:], seq[-1]))
     return Split(train, valid, test)
 
-def load_dataset(cfg: DictConfig) -> Dataset:
-    """Reads the dataset described by a ``conf/dataset/*.yaml`` node and logs its statistics."""
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where a dataset lies and how to read it (a ``conf/dataset/*.yaml`` entry's reading part)."""
+
+    name: str
+    format: str  # atomic (RecBole), lcrec (LC-Rec JSON) or csv
+    dir: str | None = None  # atomic, lcrec: the folder holding <name>.inter / <name>.inter.json
+    path: str | None = None  # csv: the file
+    fetch: bool = False  # atomic: download ml-100k when its files are missing
+    require_index: bool = True  # lcrec: X.index.json must exist
+    min_interactions: int = 3
+
+    @classmethod
+    def from_mapping(cls, values: Mapping) -> DatasetSource:
+        """From a dataset config entry; its keys that are not about reading (item_tokens ...) are left out."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+
+
+def load_dataset(source: DatasetSource) -> Dataset:
+    """Reads the dataset and logs its statistics."""
     index = None
-    if cfg.format == "atomic":
-        directory = Path(cfg.dir)
-        if cfg.get("fetch") and not (directory / f"{cfg.name}.inter").exists():
+    if source.format == "atomic":
+        directory = Path(source.dir)
+        if source.fetch and not (directory / f"{source.name}.inter").exists():
             fetch_ml100k(directory)
-        sequences, text = read_atomic(directory, cfg.name)
-    elif cfg.format == "lcrec":
-        sequences, index, text = read_lcrec(Path(cfg.dir), cfg.name, require_index=cfg.get("require_index"))
-    elif cfg.format == "csv":
-        sequences, text = read_interactions_csv(Path(cfg.path))
+        sequences, text = read_atomic(directory, source.name)
+    elif source.format == "lcrec":
+        sequences, index, text = read_lcrec(Path(source.dir), source.name, require_index=source.require_index)
+    elif source.format == "csv":
+        sequences, text = read_interactions_csv(Path(source.path))
     else:
-        raise ValueError(f"unknown dataset.format {cfg.format!r}; choose atomic, lcrec or csv")
-    dataset = Dataset(cfg.name, {}, index, text)
-    dataset.sequences, dataset.dropped_users = drop_short(sequences, cfg.get("min_interactions", 3))
+        raise ValueError(f"unknown dataset.format {source.format!r}; choose atomic, lcrec or csv")
+    name, min_interactions = source.name, source.min_interactions
+    dataset = Dataset(name, {}, index, text)
+    dataset.sequences, dataset.dropped_users = drop_short(sequences, min_interactions)
     if not dataset.sequences:
-        raise DataError(f"dataset {cfg.name}: no user has at least {cfg.min_interactions} interactions")
+        raise DataError(f"dataset {name}: no user has at least {min_interactions} interactions")
     if index is not None:
         missing = [i for i in dataset.items if i not in index]
         if missing:
             raise DataError(
-                f"{len(missing)} items of {cfg.name}.inter.json have no code in {cfg.name}.index.json "
+                f"{len(missing)} items of {name}.inter.json have no code in {name}.index.json "
                 f"(e.g. {missing[:5]}); the index must cover every item (rebuild it, or use "
                 "dataset.item_tokens=atomic)"
             )
     s = dataset.stats
     log.info(
         "dataset %s: %d users, %d items, %d interactions (%d users with < %d interactions dropped)",
-        cfg.name, s.users, s.items, s.interactions, s.dropped_users, cfg.get("min_interactions", 3),
+        name, s.users, s.items, s.interactions, s.dropped_users, min_interactions,
     )
     return dataset
 

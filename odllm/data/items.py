@@ -18,8 +18,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from odllm.data.dataset import Dataset
 from odllm.data.readers import DataError, read_json
 
@@ -147,12 +145,12 @@ def read_index_file(path: Path) -> dict[str, list[str]]:
     return raw
 
 
-def item_codes_for(cfg: DictConfig, dataset: Dataset) -> ItemCodes:
-    """The item index ``cfg.dataset.item_tokens`` asks for; a learned one must cover every item of the dataset."""
-    kind = cfg.dataset.item_tokens
+def item_codes_for(dataset: Dataset, kind: str, index: str | None, indices_dir: str | Path) -> ItemCodes:
+    """The item index of ``kind`` (``dataset.item_tokens``); a learned one (``dataset.index``, a name in
+    ``indices_dir`` or a path) must cover every item of the dataset."""
     if kind != "learned":
         return build_item_codes(kind, dataset.items, dataset.semantic_index)
-    path = learned_index_path(cfg.dataset.get("index"), cfg.paths.indices_dir)
+    path = learned_index_path(index, indices_dir)
     index = read_index_file(path)
     missing = [i for i in dataset.items if i not in index]
     if missing:

@@ -128,21 +128,21 @@ def review_file(raw_dir: Path, category: str) -> Path:
     return five if five.is_file() else raw_dir / f"{category}.json.gz"
 
 
-def prepare(cfg: DictConfig) -> Path:
-    raw = Path(cfg.prepare.raw_dir)
-    inter, item = prepare_amazon(
-        review_file(raw, cfg.prepare.category), raw / f"meta_{cfg.prepare.category}.json.gz", cfg.prepare.k
-    )
-    out = Path(cfg.prepare.out_dir) / cfg.prepare.name
-    write_json(out / f"{cfg.prepare.name}.item.json", item)
-    write_json(out / f"{cfg.prepare.name}.inter.json", inter)
+def prepare(raw_dir: str | Path, category: str, name: str, out_dir: str | Path, k: int = 5) -> Path:
+    """Raw Amazon-2018 files of ``category`` in ``raw_dir`` -> ``<out_dir>/<name>/`` in LC-Rec's format."""
+    raw = Path(raw_dir)
+    inter, item = prepare_amazon(review_file(raw, category), raw / f"meta_{category}.json.gz", k)
+    out = Path(out_dir) / name
+    write_json(out / f"{name}.item.json", item)
+    write_json(out / f"{name}.inter.json", inter)
     log.info("wrote %s; build an index with python -m odllm.index (see README)", out)
     return out
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    prepare(cfg)
+    p = cfg.prepare
+    prepare(p.raw_dir, p.category, p.name, p.out_dir, p.k)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from odllm.data.batches import left_pad
 from odllm.data.dataset import Example, Split
@@ -26,12 +26,23 @@ from odllm.eval.metrics import ranking_metrics
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How test users are scored (the ``eval`` config group)."""
+
+    num_beams: int = 20
+    batch_size: int = 32
+    ks: tuple[int, ...] = (1, 5, 10)
+    template: int = 0  # prompt template index
+    progress: bool = True
+
+
 def score_examples(
     model,
     encoder: SeqRecEncoder,
     trie: ItemTrie,
     examples: Sequence[Example],
-    cfg: DictConfig,
+    settings: EvalSettings,
     pad_id: int,
     desc: str = "test",
 ) -> dict:
@@ -39,19 +50,19 @@ def score_examples(
     start = time.perf_counter()
     recs = recommend(
         model,
-        [encoder.prompt(e.history, cfg.template) for e in examples],
+        [encoder.prompt(e.history, settings.template) for e in examples],
         [encoder.item(e.target) for e in examples],
         trie,
-        num_beams=cfg.num_beams,
-        batch_size=cfg.batch_size,
+        num_beams=settings.num_beams,
+        batch_size=settings.batch_size,
         pad_id=pad_id,
-        progress=cfg.progress,
+        progress=settings.progress,
         desc=desc,
     )
     return {
-        "metrics": ranking_metrics(recs.ranks, cfg.num_beams, cfg.ks),
+        "metrics": ranking_metrics(recs.ranks, settings.num_beams, settings.ks),
         "users": len(examples),
-        "num_beams": cfg.num_beams,
+        "num_beams": settings.num_beams,
         "invalid_beams": recs.invalid_beams,
         "short_beams": recs.short_beams,
         "seconds": round(time.perf_counter() - start, 2),

@@ -12,10 +12,13 @@ report beside it; ``python train.py dataset.item_tokens=learned dataset.index=<n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import string
 import time
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -23,7 +26,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from odllm.data.dataset import Dataset, leave_one_out, load_dataset
+from odllm.data.dataset import Dataset, DatasetSource, leave_one_out, load_dataset
 from odllm.data.items import INDEX_SUFFIX
 from odllm.files import write_json
 from odllm.index.embeddings import collaborative_embeddings, text_embeddings
@@ -32,9 +35,46 @@ from odllm.index.rqvae import RQVAE, train_rqvae
 log = logging.getLogger(__name__)
 
 
-def embedding_source(cfg: DictConfig, dataset: Dataset) -> str:
+@dataclass(frozen=True)
+class Sinkhorn:
+    """LC-Rec's uniform semantic mapping on the last level (epsilon 0 = nearest code only)."""
+
+    epsilon: float = 0.003
+    iters: int = 50
+    rounds: int = 20  # re-assignments of items that still share a code
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """The ``index`` config group (conf/index.yaml says what each setting does)."""
+
+    name: str | None = None
+    embeddings: str = "auto"
+    text: dict = field(default_factory=lambda: {"batch_size": 64, "max_length": 128})
+    collaborative: dict = field(default_factory=lambda: {"dim": 64, "window": 5})
+    levels: int = 4
+    codebook_size: int = 256
+    latent_dim: int = 32
+    hidden: list[int] = field(default_factory=lambda: [256, 128])  # encoder widths (the decoder mirrors them)
+    beta: float = 0.25
+    epochs: int = 300
+    batch_size: int = 1024
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    kmeans_iters: int = 50
+    sinkhorn: Sinkhorn = field(default_factory=Sinkhorn)
+    progress: bool = True
+
+    @classmethod
+    def from_mapping(cls, values: Mapping) -> IndexSettings:
+        values = dict(values)
+        if "sinkhorn" in values:
+            values["sinkhorn"] = Sinkhorn(**values["sinkhorn"])
+        return cls(**values)
+
+
+def embedding_source(source: str, dataset: Dataset) -> str:
     """``auto`` means text when every item has text, else collaborative."""
-    source = cfg.index.embeddings
     missing = [i for i in dataset.items if not dataset.item_text.get(i)]
     if source == "auto":
         return "collaborative" if missing else "text"
@@ -48,14 +88,17 @@ def embedding_source(cfg: DictConfig, dataset: Dataset) -> str:
     return source
 
 
-def item_embeddings(cfg: DictConfig, dataset: Dataset, source: str) -> torch.Tensor:
+def item_embeddings(
+    settings: IndexSettings, dataset: Dataset, source: str, max_history: int, seed: int
+) -> torch.Tensor:
     items = dataset.items
     if source == "text":
-        t = cfg.index.text
-        return text_embeddings([dataset.item_text[i] for i in items], t.batch_size, t.max_length, cfg.index.progress)
-    train = leave_one_out(dataset, cfg.task.max_history).train  # never the valid/test targets
-    c = cfg.index.collaborative
-    return collaborative_embeddings(train, items, c.dim, c.window, cfg.seed)
+        t = settings.text
+        texts = [dataset.item_text[i] for i in items]
+        return text_embeddings(texts, t["batch_size"], t["max_length"], settings.progress)
+    train = leave_one_out(dataset, max_history).train  # never the valid/test targets
+    c = settings.collaborative
+    return collaborative_embeddings(train, items, c["dim"], c["window"], seed)
 
 
 def collision_groups(codes: torch.Tensor) -> list[list[int]]:
@@ -77,7 +120,7 @@ def collision_stats(codes: torch.Tensor) -> dict:
     }
 
 
-def uniform_mapping(model: RQVAE, x: torch.Tensor, codes: torch.Tensor, sinkhorn: DictConfig) -> torch.Tensor:
+def uniform_mapping(model: RQVAE, x: torch.Tensor, codes: torch.Tensor, sinkhorn: Sinkhorn) -> torch.Tensor:
     """LC-Rec: re-assign the last level of each group of items sharing a code by Sinkhorn over that group."""
     codes = codes.clone()
     if sinkhorn.epsilon <= 0:
@@ -109,24 +152,25 @@ def code_tokens(codes: torch.Tensor) -> list[list[str]]:
     return [[f"<{string.ascii_lowercase[lvl]}_{c}>" for lvl, c in enumerate(row)] for row in codes.tolist()]
 
 
-def build_index(cfg: DictConfig, output_dir: str | Path) -> dict:
+def build_index(
+    ix: IndexSettings, data: DatasetSource, *, max_history: int, seed: int, indices_dir: str | Path,
+    output_dir: str | Path,
+) -> dict:
     """Embeds, trains, assigns and writes; returns the report (also written beside the index)."""
     started, cpu_started = time.perf_counter(), time.process_time()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     # the index is what is being built: a dataset without its own X.index.json is fine here
-    data_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
-    dataset = load_dataset(OmegaConf.create({**data_cfg, "require_index": False}))
+    dataset = load_dataset(dataclasses.replace(data, require_index=False))
     items = dataset.items
-    source = embedding_source(cfg, dataset)
-    x = item_embeddings(cfg, dataset, source)
+    source = embedding_source(ix.embeddings, dataset)
+    x = item_embeddings(ix, dataset, source, max_history, seed)
     embedded = time.perf_counter()
 
-    ix = cfg.index
     sinkhorn_last = (ix.sinkhorn.epsilon, ix.sinkhorn.iters) if ix.sinkhorn.epsilon > 0 else None
     model = RQVAE(x.shape[1], list(ix.hidden), ix.latent_dim, ix.levels, ix.codebook_size, ix.beta)
     history = train_rqvae(
         model, x, epochs=ix.epochs, batch_size=ix.batch_size, lr=ix.lr, weight_decay=ix.weight_decay,
-        kmeans_iters=ix.kmeans_iters, sinkhorn_last=sinkhorn_last, seed=cfg.seed, progress=ix.progress,
+        kmeans_iters=ix.kmeans_iters, sinkhorn_last=sinkhorn_last, seed=seed, progress=ix.progress,
     )
     trained = time.perf_counter()
     model.eval()
@@ -134,7 +178,7 @@ def build_index(cfg: DictConfig, output_dir: str | Path) -> dict:
     mapped = uniform_mapping(model, x, nearest, ix.sinkhorn)
     final = disambiguate(mapped)
     name = ix.name or f"{dataset.name}-{source}"
-    path = Path(cfg.paths.indices_dir) / f"{name}{INDEX_SUFFIX}"
+    path = Path(indices_dir) / f"{name}{INDEX_SUFFIX}"
     write_json(path, dict(zip(items, code_tokens(final), strict=True)))
 
     report = {
@@ -158,7 +202,7 @@ def build_index(cfg: DictConfig, output_dir: str | Path) -> dict:
             "total": round(time.perf_counter() - started, 1),
             "total_cpu": round(time.process_time() - cpu_started, 1),  # wall time is inflated on a shared machine
         },
-        "config": OmegaConf.to_container(ix, resolve=True),
+        "config": dataclasses.asdict(ix),
     }
     write_json(path.with_name(f"{name}.report.json"), report)
     write_json(Path(output_dir) / "index_report.json", report)
@@ -176,7 +220,12 @@ def build_index(cfg: DictConfig, output_dir: str | Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="index")
 def main(cfg: DictConfig) -> None:
-    build_index(cfg, HydraConfig.get().runtime.output_dir)
+    build_index(
+        IndexSettings.from_mapping(OmegaConf.to_container(cfg.index, resolve=True)),
+        DatasetSource.from_mapping(OmegaConf.to_container(cfg.dataset, resolve=True)),
+        max_history=cfg.task.max_history, seed=cfg.seed, indices_dir=cfg.paths.indices_dir,
+        output_dir=HydraConfig.get().runtime.output_dir,
+    )
 
 
 if __name__ == "__main__":

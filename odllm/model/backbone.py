@@ -7,12 +7,13 @@ item tokens actually learn; :func:`merge` folds LoRA back into plain ``nn.Linear
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from odllm.data.items import ItemCodes
@@ -22,24 +23,41 @@ log = logging.getLogger(__name__)
 DROPOUT_AFTER = ("embed_tokens", "o_proj", "down_proj")  # LLaMA-family names of the embedding and residual outputs
 
 
-def build_model(cfg: DictConfig, item_codes: ItemCodes, corpus: Iterable[str]):
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which causal LM to build (the ``model`` config group)."""
+
+    source: str = "scratch"  # scratch (a LLaMA from ``config``) or hf (a local checkpoint at ``path``)
+    path: str | None = None
+    finetune: str = "full"  # full or lora
+    tokenizer_vocab: int = 1024  # scratch: BPE vocabulary trained on the prompts
+    config: dict = field(default_factory=dict)  # scratch: LlamaConfig fields
+    lora: dict = field(default_factory=dict)  # lora: r, alpha, dropout, target_modules
+
+    @classmethod
+    def from_mapping(cls, values: Mapping) -> BackboneSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def build_model(spec: BackboneSpec, item_codes: ItemCodes, corpus: Iterable[str]):
     """Returns ``(model, tokenizer)`` with item tokens added; ``corpus`` trains a scratch tokenizer."""
-    if cfg.source == "scratch":
-        tokenizer = train_tokenizer(corpus, vocab_size=cfg.tokenizer_vocab)
+    if spec.source == "scratch":
+        tokenizer = train_tokenizer(corpus, vocab_size=spec.tokenizer_vocab)
         add_item_tokens(tokenizer, item_codes.tokens())
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            **OmegaConf.to_container(cfg.config, resolve=True),
+            **spec.config,
         )
         model = LlamaForCausalLM(config)
-    elif cfg.source == "hf":
-        path = Path(cfg.path or "")
-        if not cfg.path or not path.is_dir():
+    elif spec.source == "hf":
+        path = Path(spec.path or "")
+        if not spec.path or not path.is_dir():
             raise FileNotFoundError(
-                f"model.path={cfg.path!r} is not a directory; point it at a local Hugging Face checkpoint "
+                f"model.path={spec.path!r} is not a directory; point it at a local Hugging Face checkpoint "
                 "(a folder with config.json, weights and tokenizer files); nothing is downloaded"
             )
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -48,24 +66,24 @@ def build_model(cfg: DictConfig, item_codes: ItemCodes, corpus: Iterable[str]):
         model.resize_token_embeddings(len(tokenizer))
         log.info("added %d item tokens to %s (vocabulary now %d)", added, path, len(tokenizer))
     else:
-        raise ValueError(f"unknown model.source {cfg.source!r}; choose 'scratch' or 'hf'")
+        raise ValueError(f"unknown model.source {spec.source!r}; choose 'scratch' or 'hf'")
     model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.finetune == "lora":
-        model = apply_lora(model, cfg.lora)
-    elif cfg.finetune != "full":
-        raise ValueError(f"unknown model.finetune {cfg.finetune!r}; choose 'full' or 'lora'")
+    if spec.finetune == "lora":
+        model = apply_lora(model, spec.lora)
+    elif spec.finetune != "full":
+        raise ValueError(f"unknown model.finetune {spec.finetune!r}; choose 'full' or 'lora'")
     return model, tokenizer
 
 
-def apply_lora(model, cfg: DictConfig):
+def apply_lora(model, lora: Mapping):
     from peft import LoraConfig, get_peft_model
 
     modules_to_save = ["embed_tokens"] if model.config.tie_word_embeddings else ["embed_tokens", "lm_head"]
     config = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=list(lora["target_modules"]),
         modules_to_save=modules_to_save,
         task_type="CAUSAL_LM",
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import lightning as L
 import torch
 from transformers import get_cosine_schedule_with_warmup
@@ -9,10 +12,17 @@ from transformers import get_cosine_schedule_with_warmup
 from odllm.data.dataset import Example
 from odllm.data.prompts import SeqRecEncoder
 from odllm.eval.generation import ItemTrie, beam_search, rank_of, ranked_codes
-from odllm.eval.metrics import ranking_metrics
+from odllm.eval.metrics import RankMetrics, check_list_length
 
 
 class SeqRecModule(L.LightningModule):
+    """Trains ``model`` on batches of token ids; validates by constrained beam search over ``trie``.
+
+    The checkpoint's ``hyper_parameters`` record every plain argument plus how the model was built (its class,
+    its config as a dict and, under LoRA, the peft config), so a checkpoint says on its own what it holds; the
+    live objects (model, encoder, trie) are rebuilt from the run's config and passed to ``load_from_checkpoint``.
+    """
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -27,10 +37,15 @@ class SeqRecModule(L.LightningModule):
         ks: tuple[int, ...] = (1, 5, 10),
     ):
         super().__init__()
+        check_list_length(ks, num_beams)  # fail before training, not at the first validation
+        # logger=False: the run logger already logs the whole resolved config; these are for the checkpoint
+        self.save_hyperparameters(ignore=["model", "encoder", "trie"], logger=False)
+        self.hparams.update(model_description(model))
         self.model, self.encoder, self.trie, self.pad_id = model, encoder, trie, pad_id
         self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
         self.num_beams, self.ks = num_beams, tuple(ks)
-        self._val_ranks: list[torch.Tensor] = []
+        # a submodule, so Lightning moves it to the device; its counts are summed across processes in compute()
+        self.val_metrics = RankMetrics(self.ks)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model(**batch).loss
@@ -47,29 +62,17 @@ class SeqRecModule(L.LightningModule):
         codes, scores = beam_search(self.model, prompts, self.trie, self.num_beams, self.pad_id)
         ranked = ranked_codes(codes, scores)
         ranks = [rank_of(self.encoder.item(e.target), r) for e, r in zip(batch, ranked, strict=True)]
-        self._val_ranks.append(torch.tensor(ranks))
+        self.val_metrics.update(torch.tensor(ranks, dtype=torch.long))
 
     def on_validation_epoch_end(self) -> None:
-        ranks = torch.cat(self._val_ranks) if self._val_ranks else torch.zeros(0, dtype=torch.long)
-        self._val_ranks.clear()
-        if self.trainer.world_size > 1:
-            ranks = self._gather(ranks)
-        if not ranks.numel():
+        summary = self.val_metrics.compute()  # every process's users: torchmetrics sums the counts first
+        self.val_metrics.reset()
+        if not summary.users:
             return
-        metrics = ranking_metrics(ranks, self.num_beams, self.ks)
-        # every process holds every user's rank, so the values already agree: sync_dist averages equal numbers
-        for name, m in metrics.items():
+        # the summed counts give every process the same values: sync_dist averages equal numbers
+        for name, m in summary.metrics.items():
             self.log(f"val/{name}", m["value"], prog_bar=name == "ndcg@10", sync_dist=True)
-        self.log("val/users", float(ranks.numel()), sync_dist=True)
-
-    def _gather(self, ranks: torch.Tensor) -> torch.Tensor:
-        """All processes' ranks (each user scored by exactly one process); shards differ in size by at most one,
-        so they are padded with -1 for the collective and the padding dropped after it."""
-        size = int(self.all_gather(torch.tensor(ranks.numel())).max())
-        padded = torch.full((size,), -1, dtype=torch.long)
-        padded[: ranks.numel()] = ranks
-        gathered = self.all_gather(padded).reshape(-1)
-        return gathered[gathered >= 0]
+        self.log("val/users", float(summary.users), sync_dist=True)
 
     def configure_optimizers(self):
         decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.ndim >= 2]
@@ -82,3 +85,20 @@ class SeqRecModule(L.LightningModule):
         total = self.trainer.estimated_stepping_batches
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+
+
+def model_description(model: torch.nn.Module) -> dict[str, Any]:
+    """Plain values saying how ``model`` was built: its class, its config and, under LoRA, the peft config."""
+    peft = getattr(model, "peft_config", None)
+    base = model.get_base_model() if peft is not None else model
+    config = getattr(base, "config", None)
+    return {
+        "model_class": type(base).__name__,
+        "model_config": config.to_dict() if config is not None else None,
+        "peft_config": None if peft is None else {name: _plain(c.to_dict()) for name, c in peft.items()},
+    }
+
+
+def _plain(values: dict) -> dict:
+    """peft configs hold sets and enums: as lists and strings they load under ``torch.load(weights_only=True)``."""
+    return json.loads(json.dumps(values, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))

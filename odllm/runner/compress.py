@@ -7,18 +7,18 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
+from odllm import config
 from odllm.compress.pipeline import compress_recommender, load_dense
-from odllm.compress.registry import build_algorithm, method_config
+from odllm.compress.registry import build_algorithm
 from odllm.runner.loggers import log_results, run_logger
 
 
 def compress(cfg: DictConfig, output_dir: str | Path) -> dict:
-    """compress.py: the latest trained model of the dataset (or ``model_dir``) -> compressed model + metrics."""
-    method = method_config(cfg)
+    method = config.method_config(cfg)
     build_algorithm(method, cfg.ratio)  # bad settings, or a bad ratio for a low-rank method, fail before any work
     L.seed_everything(cfg.seed)
-    dense, split = load_dense(cfg)
+    dense, split = load_dense(config.model_dir(cfg), config.dataset_source(cfg), cfg.task.max_history)
     with run_logger(cfg, output_dir, "compress") as logger:
-        payload = compress_recommender(dense, split, cfg, method, Path(output_dir))
+        payload = compress_recommender(dense, split, method, config.compression_job(cfg), Path(output_dir))
         log_results(logger, payload, Path(output_dir))  # W&B also gets compression_report.json and the plots
     return payload

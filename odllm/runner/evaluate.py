@@ -7,12 +7,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from odllm import config
 from odllm.compress.saved import load_recommender
 from odllm.data.dataset import leave_one_out, load_dataset
 from odllm.eval.metrics import format_metrics
 from odllm.eval.protocol import check_items, popularity_baseline, public, score_examples
 from odllm.files import write_json
-from odllm.model.artifacts import dense_model_dir
 from odllm.runner.loggers import log_results, run_logger
 
 log = logging.getLogger(__name__)
@@ -20,12 +20,13 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
     """evaluate.py: score a saved model directory (dense or compressed) on the test split."""
-    model_dir = dense_model_dir(cfg.paths.models_dir, cfg.dataset.name, cfg.get("model_dir"))
+    model_dir = config.model_dir(cfg)
     rec = load_recommender(model_dir)
-    split = leave_one_out(load_dataset(cfg.dataset), cfg.task.max_history)
+    split = leave_one_out(load_dataset(config.dataset_source(cfg)), cfg.task.max_history)
     check_items(rec.item_codes, split, model_dir, cfg.dataset.name)
     examples = split.test
-    result = score_examples(rec.model, rec.encoder, rec.trie(), examples, cfg.eval, rec.tokenizer.pad_token_id)
+    settings = config.eval_settings(cfg)
+    result = score_examples(rec.model, rec.encoder, rec.trie(), examples, settings, rec.tokenizer.pad_token_id)
     payload = {
         "dataset": cfg.dataset.name,
         "model_dir": str(model_dir),

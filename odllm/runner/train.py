@@ -17,17 +17,15 @@ from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, Model
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from odllm import config
 from odllm.compress.lowrank import check_ratio
 from odllm.compress.pipeline import compress_recommender
-from odllm.compress.registry import method_config
 from odllm.data.datamodule import SeqRecDataModule
 from odllm.data.dataset import leave_one_out, load_dataset
-from odllm.data.items import item_codes_for
 from odllm.data.prompts import ItemTextEncoder, SeqRecEncoder, tokenizer_corpus
 from odllm.eval.metrics import format_metrics
 from odllm.eval.protocol import popularity_baseline, public, score_examples
 from odllm.files import write_json
-from odllm.model.artifacts import dense_model_dir
 from odllm.model.backbone import add_dropout, build_model, merge, parameter_summary
 from odllm.model.module import SeqRecModule
 from odllm.model.recommender import Recommender
@@ -45,15 +43,15 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict:
 def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> dict:
     if cfg.compress:  # fail before training, not after
         check_ratio(cfg.ratio)
-        method_config(cfg, cfg.compress)
+        config.method_config(cfg, cfg.compress)
     if cfg.train.ema_decay is not None and not 0 < cfg.train.ema_decay < 1:
         raise ValueError(f"train.ema_decay={cfg.train.ema_decay} must lie in (0, 1), e.g. 0.995; null turns it off")
     L.seed_everything(cfg.seed, workers=True)
     started = time.perf_counter()
 
-    dataset = load_dataset(cfg.dataset)
+    dataset = load_dataset(config.dataset_source(cfg))
     split = leave_one_out(dataset, cfg.task.max_history)
-    item_codes = item_codes_for(cfg, dataset)
+    item_codes = config.item_codes(cfg, dataset)
     if item_codes.collisions:
         log.info(
             "%d items share their full code with another item (%d distinct codes for %d items); "
@@ -62,7 +60,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
         )
     corpus = tokenizer_corpus(dataset.item_text, cfg.task.item_text)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = build_model(cfg.model, item_codes, corpus)
+    model, tokenizer = build_model(config.backbone_spec(cfg), item_codes, corpus)
     encoder = SeqRecEncoder(tokenizer, item_codes)
     log.info("model: %s", parameter_summary(model))
     dropout_hooks = add_dropout(model, cfg.model.dropout)
@@ -146,10 +144,10 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
         "best_checkpoint": str(best),
     }
     recommender = Recommender(model, tokenizer, item_codes, meta)
-    model_dir = recommender.save(dense_model_dir(cfg.paths.models_dir, cfg.dataset.name, cfg.get("model_dir")))
+    model_dir = recommender.save(config.model_dir(cfg))
     log.info("saved the trained model to %s", model_dir)
 
-    test = score_examples(model, encoder, trie, split.test, cfg.eval, tokenizer.pad_token_id)
+    test = score_examples(model, encoder, trie, split.test, config.eval_settings(cfg), tokenizer.pad_token_id)
     payload = {
         "dataset": cfg.dataset.name,
         "dataset_stats": vars(dataset.stats),
@@ -169,7 +167,9 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
     log.info("popularity  %s", format_metrics(payload["popularity"]))
     if cfg.compress:  # post-fit compression of the saved best model, same path as compress.py
         recommender.meta["model_dir"] = str(model_dir)
-        method = method_config(cfg, cfg.compress)
-        payload["compressed"] = compress_recommender(recommender, split, cfg, method, output_dir / "compress")
+        method = config.method_config(cfg, cfg.compress)
+        payload["compressed"] = compress_recommender(
+            recommender, split, method, config.compression_job(cfg), output_dir / "compress"
+        )
     log_results(logger, payload, output_dir, "compress", step=trainer.global_step)
     return payload
