@@ -9,15 +9,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from conftest import compose_config
 
 from odllm.data.batches import LengthGroupedBatches
 from odllm.data.datamodule import SeqRecDataModule
 from odllm.data.dataset import Example
-from odllm.eval.metrics import RankMetrics, ranking_metrics
 from odllm.runner.train import train
 
 ROOT = Path(__file__).parents[1]
@@ -42,28 +38,6 @@ def test_validation_users_are_split_without_duplicates():
         module.trainer = SimpleNamespace(global_rank=rank, world_size=2)
         users += [e.user for batch in module.val_dataloader() for e in batch]
     assert sorted(users) == sorted(e.user for e in examples)  # 47 users, each once (a DistributedSampler: 48)
-
-
-def _score_share(rank: int, world: int, tmp: Path, ranks: torch.Tensor) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp / 'rendezvous'}", rank=rank, world_size=world)
-    try:
-        metric = RankMetrics((1, 5, 10))
-        for batch in ranks[rank::world].split(8):
-            metric.update(batch)
-        summary = metric.compute()  # torchmetrics sums the counts of every process
-        (tmp / f"rank{rank}.json").write_text(json.dumps(summary._asdict()))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_processes_sum_their_counts_into_the_one_process_metrics(tmp_path):
-    """Three gloo processes, each with its own users (shares of unequal size): every one computes the metrics of
-    all users, equal to one process's to the last digit."""
-    ranks = torch.randint(0, 21, (100,), generator=torch.Generator().manual_seed(0))
-    mp.spawn(_score_share, args=(3, tmp_path, ranks), nprocs=3)
-    expected = {"users": 100, "metrics": ranking_metrics(ranks, list_length=20)}
-    for rank in range(3):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
 
 
 def test_two_processes_match_one(tmp_path, tiny_run_overrides):
