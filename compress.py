@@ -8,10 +8,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from odllm.checks import user_errors
 from odllm.runner.compress import compress
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@user_errors  # a bad input: one line `error: ...` (HYDRA_FULL_ERROR=1 shows the traceback)
 def main(cfg: DictConfig) -> None:
     compress(cfg, HydraConfig.get().runtime.output_dir)
 

@@ -53,7 +53,7 @@ def test_lcrec_reader_and_leave_one_out(tmp_path):
         ('{"0": [0, 1, 2], "0": [3, 4, 5]}', INDEX, "duplicate key '0'"),
         ({"0": "0 1 2"}, INDEX, "list of item ids"),
         ({"0": [0, 1, 9]}, INDEX, "have no code"),
-        ({"0": [0, 1, 2]}, {"0": "<a_0>"}, "non-empty list of token strings"),
+        ({"0": [0, 1, 2]}, {"0": "<a_0>"}, "non-empty list of non-blank token strings"),
         ([[0, 1, 2]], INDEX, "JSON object at the top level"),
     ],
 )

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from odllm import config
 from odllm.bench.report import metric_cell, setting
+from odllm.checks import user_errors
 from odllm.compress.pipeline import compress_recommender, load_dense
 from odllm.compress.registry import model_tag, uses_ratio
 from odllm.eval.generation import Recommendations
@@ -35,7 +36,8 @@ RUN_KEYS = ("method", "ratio", "storage", "sizes", "test", "fidelity", "compress
 
 
 def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
-    dense, split = load_dense(config.model_dir(cfg), config.dataset_source(cfg), cfg.task.max_history)
+    dense, split = load_dense(config.model_dir(cfg), config.dataset_source(cfg), cfg.task.max_history,
+                              allow_other_dataset=cfg.allow_other_dataset)
     users, note = cfg.bench.test_users, "all test users"
     if users is not None and users < len(split.test):  # a seeded subset: a sweep at a fraction of the cost
         note = f"a random subset of the {len(split.test)} test users (seed {cfg.seed})"
@@ -210,8 +212,10 @@ def frontier_plot(payload: dict, path: str | Path) -> Path:
     return Path(path)
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="benchmark")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).parents[2] / "conf"), config_name="benchmark")
+@user_errors
 def main(cfg: DictConfig) -> None:
+    config.check_benchmark(cfg)
     run_benchmark(cfg, HydraConfig.get().runtime.output_dir)
 
 

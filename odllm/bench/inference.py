@@ -38,9 +38,11 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from odllm import config
 from odllm.bench.inference_report import markdown_report, plot
 from odllm.bench.profile import profile_report
 from odllm.bench.worker import WorkerProcess
+from odllm.checks import user_errors
 from odllm.data.dataset import leave_one_out, load_dataset
 from odllm.files import write_json, write_text
 from odllm.model.artifacts import dense_model_dir
@@ -262,7 +264,9 @@ def run_inference_benchmark(cfg: DictConfig) -> dict:
     return payload
 
 
+@user_errors
 def _run(cfg: DictConfig) -> None:
+    config.check_inference(cfg)
     keys = ("models", "threads", "repeats", "latency_users", "throughput_users", "batch_size", "batch_sizes", "fuse",
             "out")
     log.info("config:\n%s", OmegaConf.to_yaml({k: cfg[k] for k in keys}))
@@ -270,7 +274,7 @@ def _run(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    hydra.main(version_base="1.3", config_path="../../conf", config_name="inference")(_run)()
+    hydra.main(version_base="1.3", config_path=str(Path(__file__).parents[2] / "conf"), config_name="inference")(_run)()
 
 
 if __name__ == "__main__":

@@ -26,10 +26,36 @@ from odllm.compress.storage import is_compressed, sizes, storage, totals
 log = logging.getLogger(__name__)
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _is_projection(module: nn.Module) -> bool:
+    """A dense linear, or what a method (or a fused benchmark model) put in its place."""
+    return isinstance(module, nn.Linear) or is_compressed(module) or hasattr(module, "out_features")
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers at ``model.model.layers``: the layout of LLaMA, Mistral, Qwen2/Qwen3 and most HF decoders.
+
+    Every method replaces the ``nn.Linear`` modules inside them, so a peft wrapper (LoRA not merged) and layers
+    without ``nn.Linear`` (GPT-2's Conv1D) are refused with what was expected instead.
+    """
+    name = type(model).__name__
+    if hasattr(model, "peft_config"):
+        raise TypeError(f"{name} holds unmerged peft (LoRA) adapters: merge LoRA first (odllm.model.backbone.merge) "
+                        "so that the decoder layers hold plain nn.Linear projections")
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} has no decoder layers at model.model.layers")
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        children = [child for child, _ in model.named_children()]
+        raise TypeError(
+            f"{name} has no decoder layers at model.model.layers; expected the Hugging Face decoder layout of "
+            f"LLaMA, Mistral, Qwen2/Qwen3 (a ModuleList of layers with nn.Linear projections "
+            f"{', '.join(PROJECTIONS)}); this model's top-level modules are {children}"
+        )
+    empty = [i for i, layer in enumerate(layers) if not any(_is_projection(m) for m in layer.modules())]
+    if empty:
+        raise TypeError(f"{name}: decoder layers {empty} hold no nn.Linear (expected projections such as "
+                        f"{', '.join(PROJECTIONS)}); layers of other modules (GPT-2's Conv1D) are not supported")
     return layers
 
 def forward_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:

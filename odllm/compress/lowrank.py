@@ -134,10 +134,18 @@ def cholesky_with_jitter(C: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def factorize(
-    W: torch.Tensor, S: torch.Tensor | None, k: int
+    W: torch.Tensor, S: torch.Tensor | None, k: int, method: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(B [m,k], A [k,n], sigma)`` with B A the best rank-k fit of W in the norm ||(.) S||_F; sigma is the
-    full spectrum of W S (of W when S is None), in W's dtype. Computed in float64."""
+    full spectrum of W S (of W when S is None), in W's dtype. Computed in float64.
+
+    ``method``: "exact" (LAPACK SVD of W S), "gram" (:func:`factorize_gram`, about 5x faster at width >= 1024)
+    or "auto": gram when min(m, n) >= :data:`GRAM_MIN_WIDTH`, so the small default models keep the exact SVD.
+    """
+    if method not in ("auto", "exact", "gram"):
+        raise ValueError(f"factorize method={method!r}; choose 'auto', 'exact' or 'gram'")
+    if method == "gram" or (method == "auto" and min(W.shape) >= GRAM_MIN_WIDTH):
+        return factorize_gram(W, S, k)
     Ws = W.double() if S is None else W.double() @ S.double()
     U, sigma, Vh = torch.linalg.svd(Ws, full_matrices=False)
     root = sigma[:k].sqrt()
@@ -146,3 +154,53 @@ def factorize(
     if S is not None:
         A = torch.linalg.solve_triangular(S.double(), A, upper=False, left=False)  # A S^{-1}
     return B.to(W.dtype), A.to(W.dtype), sigma.to(W.dtype)
+
+
+# factorize(method="auto") uses the Gram path when the smaller side of W is at least this wide: LLaMA-1B/7B widths
+# (2048, 4096) and up; every matrix of the small default model (256 / 688) and of the cost benchmark's "large"
+# shape (1024 / 2752) keeps the exact SVD, so their factors and metrics are unchanged.
+GRAM_MIN_WIDTH = 2048
+
+
+def factorize_gram(W: torch.Tensor, S: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`factorize` from the eigendecomposition of the Gram matrix of M = W S on its smaller side.
+
+    m <= n: M M^T = U Sigma^2 U^T (m x m), so B = U_k Sigma_k^{1/2} and A = Sigma_k^{-1/2} U_k^T W (M S^{-1} = W:
+    no triangular solve). m > n: M^T M = V Sigma^2 V^T (n x n), B = M V_k Sigma_k^{-1/2} and
+    A = Sigma_k^{1/2} V_k^T S^{-1}.
+    Either way B A projects W onto the top-k singular subspace of M, with orthonormal eigenvectors, so the error
+    ||(W - B A) S||^2 is the sum of the dropped eigenvalues (= sigma^2) up to rounding in lambda_max * eps.
+    Forming the Gram matrix squares the condition number, so singular values below sqrt(max(m, n) eps) sigma_max
+    (~1e-6 sigma_max at width 4096) are rounding noise: they are clamped at 0 and such directions get zero
+    factors, costing at most their sigma^2 < 1e-12 sigma_max^2 each.
+    """
+    M = W.double() if S is None else W.double() @ S.double()
+    m, n = M.shape
+    wide = m <= n
+    lam, Q = torch.linalg.eigh(M @ M.T if wide else M.T @ M)  # ascending
+    lam, Q = lam.flip(0).clamp(min=0), Q.flip(1)
+    sigma = lam.sqrt()
+    top, Qk = sigma[:k], Q[:, :k]
+    # a direction with sigma at rounding level carries no energy: zero it instead of dividing by ~0
+    live = top > sigma[0] * (max(m, n) * torch.finfo(torch.float64).eps) ** 0.5
+    inverse_root = torch.where(live, top.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(top))
+    if wide:
+        B = Qk * top.sqrt()
+        A = inverse_root[:, None] * (Qk.T @ W.double())
+    else:
+        B = (M @ Qk) * inverse_root
+        A = top.sqrt()[:, None] * Qk.T
+        if S is not None:
+            A = torch.linalg.solve_triangular(S.double(), A, upper=False, left=False)  # A S^{-1}
+    B = B * live  # the zeroed directions: no column in B either
+    return B.to(W.dtype), A.to(W.dtype), sigma.to(W.dtype)
+
+
+def singular_values(M: torch.Tensor) -> torch.Tensor:
+    """The singular values of M in float64: LAPACK's below :data:`GRAM_MIN_WIDTH`, the Gram eigenvalues' roots
+    above (the tail below ~1e-8 sigma_max is rounding noise there, as in :func:`factorize_gram`)."""
+    M = M.double()
+    if min(M.shape) < GRAM_MIN_WIDTH:
+        return torch.linalg.svdvals(M)
+    gram = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    return torch.linalg.eigvalsh(gram).flip(0).clamp(min=0).sqrt()

@@ -24,7 +24,7 @@ from torch import nn
 
 from odllm.compress.align import align_layer
 from odllm.compress.driver import Streams, compare_layers, compress_layers
-from odllm.compress.lowrank import LowRankLinear, cholesky_with_jitter, factorize, rank_for_ratio
+from odllm.compress.lowrank import LowRankLinear, cholesky_with_jitter, factorize, rank_for_ratio, singular_values
 from odllm.compress.quant import check_bits
 from odllm.compress.statistics import LinearStatistics
 from odllm.compress.storage import storage
@@ -74,7 +74,7 @@ def factorise_linear(
     else:
         scaling = S if whiten else None
     B, A, sigma = factorize(W, scaling, k)
-    whitened = sigma if whiten is True else torch.linalg.svdvals(W @ S)
+    whitened = sigma if whiten is True else singular_values(W @ S)
     module = LowRankLinear.from_factors(B.to(linear.weight.dtype), A.to(linear.weight.dtype), linear.bias)
     D = W - module.B.weight.double() @ module.A.weight.double()
     error, energy = ((D @ C) * D).sum().item(), ((W @ C) * W).sum().item()

@@ -30,7 +30,7 @@ from odllm.data.prompts import SeqRecEncoder, build_training_samples
 from odllm.eval.metrics import format_metrics
 from odllm.eval.protocol import EvalSettings, check_items, fidelity, popularity_baseline, public, score_examples
 from odllm.files import write_json
-from odllm.model.recommender import COMPRESSION_FILE, Recommender
+from odllm.model.recommender import COMPRESSION_FILE, Recommender, check_dataset
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +174,18 @@ def compress_recommender(
     log.info("KL to dense %.4f, top-10 overlap %.3f", close["kl"], close["top10_overlap"])
     return payload
 
-def load_dense(model_dir: Path, source: DatasetSource, max_history: int) -> tuple[Recommender, Split]:
-    """The dense model to compress and the split of the dataset it must have been trained on."""
+def load_dense(
+    model_dir: Path, source: DatasetSource, max_history: int, allow_other_dataset: bool = False
+) -> tuple[Recommender, Split]:
+    """The dense model to compress and the split of the dataset it was trained on (its odllm.json says which;
+    ``allow_other_dataset`` uses it on ``source`` anyway, recording both names)."""
     if (model_dir / COMPRESSION_FILE).exists():
         raise ValueError(f"{model_dir} holds a compressed model; pass model_dir=<the dense model train.py saved>")
     dense = Recommender.load(model_dir)
+    check_dataset(dense.meta, model_dir, source.name, allow_other_dataset)
+    if dense.meta.get("dataset", source.name) != source.name:  # the compressed model is named after source.name
+        dense.meta = {**dense.meta, "dataset": source.name,
+                      "trained_on_dataset": dense.meta.get("trained_on_dataset", dense.meta["dataset"])}
     dense.meta["model_dir"] = str(model_dir)
     split = leave_one_out(load_dataset(source), max_history)
     check_items(dense.item_codes, split, model_dir, source.name)

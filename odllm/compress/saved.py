@@ -22,7 +22,7 @@ from odllm.compress.lowrank import LowRankLinear
 from odllm.compress.quant import QuantLinear
 from odllm.compress.sparse import SparseLinear
 from odllm.compress.storage import is_compressed
-from odllm.model.recommender import COMPRESSION_FILE, Recommender, load_hf_model
+from odllm.model.recommender import COMPRESSION_FILE, Recommender, SavedModelError, load_hf_model, reading, rewrite_hint
 
 
 def compression_specs(model: nn.Module) -> dict[str, dict]:
@@ -58,37 +58,63 @@ def module_class(kind: str) -> type:
         return Int8Linear if kind == "bnb_int8" else NF4Linear
     raise ValueError(f"{COMPRESSION_FILE} names an unknown module kind {kind!r}; known kinds: {list(MODULE_KINDS)}")
 
-def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(directory: Path, fix: str) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        with reading(index, fix):
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
         files = ["model.safetensors"]
     state = {}
     for file in files:
         if not (directory / file).exists():
-            raise FileNotFoundError(f"{directory / file} is missing: save with safe_serialization=True")
-        state.update(load_file(directory / file))
+            raise SavedModelError(f"{directory / file} is missing (weights are saved as safetensors); {fix}")
+        with reading(directory / file, fix):
+            state.update(load_file(directory / file))
     return state
+
+def read_compression_config(directory: Path, fix: str) -> dict[str, dict]:
+    """``compression.json`` checked: module name -> spec with a known kind (a bare positive int: a rank)."""
+    path = directory / COMPRESSION_FILE
+    with reading(path, fix):
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(entries, dict):
+        raise SavedModelError(f"{path} must map module names to specs, found {type(entries).__name__}; {fix}")
+    specs = {}
+    for name, spec in entries.items():
+        if isinstance(spec, int) and not isinstance(spec, bool) and spec > 0:
+            spec = {"kind": "lowrank", "rank": spec}
+        if not isinstance(spec, dict) or spec.get("kind") not in MODULE_KINDS:
+            raise SavedModelError(f"{path}: the entry of {name!r} is {spec!r}, neither a rank nor a spec with a kind "
+                                  f"of {list(MODULE_KINDS)}; {fix}")
+        specs[name] = spec
+    return specs
 
 def load_compressed(directory: str | Path) -> nn.Module:
     """The model saved in ``directory``: compressed modules where compression.json says, else a plain HF model."""
     directory = Path(directory)
     if not (directory / COMPRESSION_FILE).exists():
         return load_hf_model(directory)
-    entries = json.loads((directory / COMPRESSION_FILE).read_text())
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=torch.float32)
-    # a bare integer is a low-rank module's rank; parents are rebuilt before modules nested in them
+    fix = rewrite_hint(directory)
+    entries = read_compression_config(directory, fix)
+    with reading(directory / "config.json", fix):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=torch.float32)
+    # parents are rebuilt before modules nested in them
     for name, spec in sorted(entries.items(), key=lambda item: item[0].count(".")):
-        spec = {"kind": "lowrank", "rank": spec} if isinstance(spec, int) else spec
-        linear = model.get_submodule(name)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise SavedModelError(f"{directory / COMPRESSION_FILE} names {name!r}, which the model in config.json "
+                                  f"does not have; {fix}") from None
         if not isinstance(linear, nn.Linear | nn.Embedding):
-            raise ValueError(f"{COMPRESSION_FILE} names {name}, a {type(linear).__name__}, not a Linear or Embedding")
-        model.set_submodule(name, module_class(spec["kind"]).empty(linear, spec))
+            raise SavedModelError(f"{directory / COMPRESSION_FILE} names {name}, a {type(linear).__name__}, not a "
+                                  f"Linear or Embedding; {fix}")
+        with reading(directory / COMPRESSION_FILE, fix):
+            model.set_submodule(name, module_class(spec["kind"]).empty(linear, spec))
     for module in model.modules():  # a module that uses another one (the tied int8 head) finds it now
         if callable(getattr(module, "bind", None)):
             module.bind(model)
-    state = _read_safetensors(directory)
+    state = _read_safetensors(directory, fix)
     missing, unexpected = model.load_state_dict(state, strict=False)
     aliases = defaultdict(list)  # tied weights are saved once, under one of their names
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -96,11 +122,12 @@ def load_compressed(directory: str | Path) -> nn.Module:
     loaded = {name for names in aliases.values() if any(n in state for n in names) for name in names}
     missing = [key for key in missing if key not in loaded]
     if missing or unexpected:
-        raise ValueError(
-            f"{directory} does not match {COMPRESSION_FILE}: missing {missing}, unexpected {unexpected}"
+        raise SavedModelError(
+            f"{directory} does not match {COMPRESSION_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}; {fix}"
         )
     if (directory / "generation_config.json").exists():  # as from_pretrained would
-        model.generation_config = GenerationConfig.from_pretrained(directory)
+        with reading(directory / "generation_config.json", fix):
+            model.generation_config = GenerationConfig.from_pretrained(directory)
     return model.eval()
 
 

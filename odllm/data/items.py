@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from odllm.data.dataset import Dataset
-from odllm.data.readers import DataError, read_json
+from odllm.data.readers import DataError, read_index, read_json
 
 INDEX_FILE = "item_index.json"
 INDEX_SUFFIX = ".index.json"  # a learned index: <paths.indices_dir>/<name>.index.json
+REWRITE = "re-run train.py (compress.py for a compressed model) to write the model directory again"
 
 
 @dataclass
@@ -86,13 +87,31 @@ class ItemCodes:
 
     @classmethod
     def load(cls, directory: str | Path) -> ItemCodes:
+        """The index a saved model was trained with; a missing or damaged file is a :class:`DataError` that
+        names it and the fix."""
         path = Path(directory) / INDEX_FILE
-        if not path.exists():
-            raise FileNotFoundError(
-                f"{path} is missing: a model directory written by train.py holds its item index there"
-            )
-        payload = json.loads(path.read_text())
-        return cls({k: tuple(v) for k, v in payload["codes"].items()}, kind=payload["kind"])
+        if not path.is_file():
+            raise DataError(f"{path} is missing: a model directory written by train.py holds its item index there; "
+                            f"{REWRITE}")
+        try:
+            payload = read_json(path)
+        except DataError as e:
+            raise DataError(f"{e}; {REWRITE}") from None
+        codes, kind = payload.get("codes"), payload.get("kind")
+        if kind not in ("semantic", "learned", "atomic") or not isinstance(codes, dict):
+            raise DataError(f"{path} is damaged: it needs \"kind\" (semantic, learned or atomic) and \"codes\" "
+                            f"(item -> list of tokens), found kind={kind!r}, codes of type {type(codes).__name__}; "
+                            f"{REWRITE}")
+        bad = [item for item, code in codes.items()
+               if not item.strip() or not isinstance(code, list) or not code
+               or not all(isinstance(t, str) and t.strip() for t in code)]
+        if bad:
+            raise DataError(f"{path} is damaged: {len(bad)} items (e.g. {bad[:3]}) have a blank id or no list of "
+                            f"token strings; {REWRITE}")
+        try:
+            return cls({k: tuple(v) for k, v in codes.items()}, kind=kind)
+        except ValueError as e:  # empty, or codes of different lengths
+            raise DataError(f"{path} is damaged: {e}; {REWRITE}") from None
 
 
 def atomic_codes(items: Sequence[str]) -> ItemCodes:
@@ -138,11 +157,7 @@ def learned_index_path(index: str | None, indices_dir: str | Path) -> Path:
 
 def read_index_file(path: Path) -> dict[str, list[str]]:
     """An LC-Rec-format index: ``{"item": ["<a_12>", "<b_3>", ...]}``."""
-    raw = read_json(path)
-    for item, code in raw.items():
-        if not isinstance(code, list) or not code or not all(isinstance(t, str) for t in code):
-            raise DataError(f"{path}: item {item!r} must map to a non-empty list of token strings")
-    return raw
+    return read_index(path)
 
 
 def item_codes_for(dataset: Dataset, kind: str, index: str | None, indices_dir: str | Path) -> ItemCodes:

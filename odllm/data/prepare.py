@@ -29,6 +29,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from odllm.checks import check_prepare, user_errors
 from odllm.data.readers import DataError, order_events
 from odllm.files import write_json
 
@@ -139,8 +140,10 @@ def prepare(raw_dir: str | Path, category: str, name: str, out_dir: str | Path, 
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="prepare")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).parents[2] / "conf"), config_name="prepare")
+@user_errors
 def main(cfg: DictConfig) -> None:
+    check_prepare(cfg)
     p = cfg.prepare
     prepare(p.raw_dir, p.category, p.name, p.out_dir, p.k)
 

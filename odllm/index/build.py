@@ -26,6 +26,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from odllm.checks import check_index, user_errors
 from odllm.data.dataset import Dataset, DatasetSource, leave_one_out, load_dataset
 from odllm.data.items import INDEX_SUFFIX
 from odllm.files import write_json
@@ -218,8 +219,10 @@ def build_index(
     return report
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="index")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).parents[2] / "conf"), config_name="index")
+@user_errors
 def main(cfg: DictConfig) -> None:
+    check_index(cfg)
     build_index(
         IndexSettings.from_mapping(OmegaConf.to_container(cfg.index, resolve=True)),
         DatasetSource.from_mapping(OmegaConf.to_container(cfg.dataset, resolve=True)),

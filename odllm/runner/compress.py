@@ -14,10 +14,12 @@ from odllm.runner.loggers import log_results, run_logger
 
 
 def compress(cfg: DictConfig, output_dir: str | Path) -> dict:
+    config.check_compress(cfg)  # every value the run reads, before the dense model is loaded
     method = config.method_config(cfg)
     build_algorithm(method, cfg.ratio)  # bad settings, or a bad ratio for a low-rank method, fail before any work
     L.seed_everything(cfg.seed)
-    dense, split = load_dense(config.model_dir(cfg), config.dataset_source(cfg), cfg.task.max_history)
+    dense, split = load_dense(config.model_dir(cfg), config.dataset_source(cfg), cfg.task.max_history,
+                              allow_other_dataset=cfg.allow_other_dataset)
     with run_logger(cfg, output_dir, "compress") as logger:
         payload = compress_recommender(dense, split, method, config.compression_job(cfg), Path(output_dir))
         log_results(logger, payload, Path(output_dir))  # W&B also gets compression_report.json and the plots

@@ -13,6 +13,7 @@ from odllm.data.dataset import leave_one_out, load_dataset
 from odllm.eval.metrics import format_metrics
 from odllm.eval.protocol import check_items, popularity_baseline, public, score_examples
 from odllm.files import write_json
+from odllm.model.recommender import check_dataset
 from odllm.runner.loggers import log_results, run_logger
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,8 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
     """evaluate.py: score a saved model directory (dense or compressed) on the test split."""
     model_dir = config.model_dir(cfg)
     rec = load_recommender(model_dir)
+    # provenance first (odllm.json names the training dataset), then item coverage (also for older models)
+    check_dataset(rec.meta, model_dir, cfg.dataset.name, cfg.allow_other_dataset)
     split = leave_one_out(load_dataset(config.dataset_source(cfg)), cfg.task.max_history)
     check_items(rec.item_codes, split, model_dir, cfg.dataset.name)
     examples = split.test
@@ -30,6 +33,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
     payload = {
         "dataset": cfg.dataset.name,
         "model_dir": str(model_dir),
+        "model_dataset": rec.meta.get("trained_on_dataset", rec.meta.get("dataset")),  # what it was trained on
         "compression": rec.meta.get("compression"),  # method and ratio of a compressed model, None when dense
         "test": public(result),
         "popularity": popularity_baseline(split, rec.encoder, examples, cfg.eval.ks),

@@ -30,12 +30,16 @@ from odllm.model.backbone import add_dropout, build_model, merge, parameter_summ
 from odllm.model.module import SeqRecModule
 from odllm.model.recommender import Recommender
 from odllm.runner.loggers import log_results, run_logger, sweep_job
+from odllm.runner.train_sasrec import train_sasrec
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig, output_dir: str | Path) -> dict:
     """train.py: fit, save and test the model (and compress it when ``compress=`` names a method), one logger."""
+    config.check_train(cfg)  # every value the run reads, before any data is loaded
+    if cfg.model.get("kind") == "sasrec":  # the SASRec baseline (conf/model/sasrec.yaml)
+        return train_sasrec(cfg, output_dir)
     with run_logger(cfg, output_dir, "train") as logger:
         return _fit_and_test(cfg, Path(output_dir), logger)
 
