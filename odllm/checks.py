@@ -40,7 +40,7 @@ def value(cfg: DictConfig, key: str, example: Any) -> Any:
 def _missing(cfg: DictConfig, key: str) -> bool:
     parent, _, leaf = key.rpartition(".")
     node = OmegaConf.select(cfg, parent) if parent else cfg
-    return isinstance(node, DictConfig) and leaf in node and OmegaConf.is_missing(node, leaf)
+    return isinstance(node, DictConfig) and leaf in node.keys() and OmegaConf.is_missing(node, leaf)
 
 
 def _is_number(v: Any) -> bool:
@@ -63,7 +63,8 @@ def number(cfg: DictConfig, key: str, low: float | None, high: float | None, exa
         and (high is None or (v <= high if closed[1] == "]" else v < high))
     )
     if not inside:
-        interval = f"{closed[0]}{'-inf' if low is None else low}, {'inf' if high is None else high}{closed[1]}"
+        interval = (f"{'(-inf' if low is None else closed[0] + str(low)}, "
+                    f"{'inf)' if high is None else str(high) + closed[1]}")
         none = " (null turns it off)" if optional else ""
         what = f"is outside {interval}" if _is_number(v) else f"must be a number in {interval}"
         raise ConfigError(f"{key}={v!r} {what}{': ' + why if why else ''}, e.g. {key}={example}{none}")

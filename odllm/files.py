@@ -106,18 +106,22 @@ def recover_directory(target: str | Path) -> list[Path]:
     if not target.parent.is_dir():
         return []
     leftovers = _leftovers(target)
-    if not target.exists():
-        complete = sorted((p for p in leftovers if is_complete(p)), key=_written_at)
-        if complete:
-            os.replace(complete[-1], target)
-            log.warning("restored %s from %s, left by a save that was interrupted", target, complete[-1].name)
-            leftovers.remove(complete[-1])
-    kept = []
-    for path in leftovers:
-        if not target.exists() and ".old-" in path.name and not is_complete(path):
-            kept.append(path)  # possibly the only copy of an older model: never deleted unseen
-        else:
-            remove_directory(path)
+    try:
+        if not target.exists():
+            complete = sorted((p for p in leftovers if is_complete(p)), key=_written_at)
+            if complete:
+                os.replace(complete[-1], target)
+                log.warning("restored %s from %s, left by a save that was interrupted", target, complete[-1].name)
+                leftovers.remove(complete[-1])
+        kept = []
+        for path in leftovers:
+            if not target.exists() and ".old-" in path.name and not is_complete(path):
+                kept.append(path)  # possibly the only copy of an older model: never deleted unseen
+            else:
+                remove_directory(path)
+    except OSError as e:  # e.g. a read-only models directory: loading goes on, the leftovers stay
+        log.warning("could not clean up after an interrupted save of %s: %s", target, e)
+        return [p for p in leftovers if p.exists() and ".old-" in p.name]
     return kept
 
 

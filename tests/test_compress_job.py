@@ -21,7 +21,11 @@ def test_compress_evaluate_and_reload(tmp_path, trained):
     result = compress(compose_config([*trained, "ratio=0.5", "method=odllm"]), tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["test"]["metrics"] == result["test"]["metrics"] and saved["test"]["invalid_beams"] == 0
-    assert 0 <= saved["fidelity"]["kl"] and 0 <= saved["fidelity"]["top10_overlap"] <= 1
+    # half the decoder parameters gone: the next-item distribution moves (tiny model, 1 epoch: a little), most
+    # of the top 10 stays
+    # (ratio 1 below gives KL 0 and overlap 1, so a fidelity that ignores the compressed model fails here)
+    assert saved["fidelity"]["kl"] > 1e-6 and 0.5 < saved["fidelity"]["top10_overlap"] < 1  # measured 1.2e-5
+    assert saved["versions"]["torch"] and set(saved["versions"]) >= {"transformers", "lightning", "peft"}
     sizes = saved["sizes"]
     assert sizes["decoder_linear"]["params_after"] < sizes["decoder_linear"]["params_before"]
     assert sizes["model"]["params_after"] < sizes["model"]["params_before"]
@@ -36,7 +40,7 @@ def test_compress_evaluate_and_reload(tmp_path, trained):
 
 def test_ratio_one_keeps_the_dense_model(tmp_path, trained):
     result = compress(compose_config([*trained, "ratio=1.0", "method=svd"]), tmp_path / "run")
-    assert result["fidelity"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert result["fidelity"]["kl"] == pytest.approx(0, abs=1e-6) and result["fidelity"]["top10_overlap"] == 1
     assert result["test"]["metrics"] == result["dense"]["metrics"]
 
 

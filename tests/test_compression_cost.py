@@ -1,19 +1,25 @@
 """The compression-cost benchmark: one record measured in-process on a tiny model, and the Markdown tables."""
 
+import time
+
 import torch
 
-from odllm.bench.cost import SIZE_SWEEP_N, SWEEP_SIZE, TINY, markdown_tables, measure, plan
+from odllm.bench.cost import SIZE_SWEEP_N, SWEEP_SIZE, TINY, calibration_batches, markdown_tables, measure, plan
 
 
 def test_measure_records_sane_costs():
     torch.manual_seed(0)
     n, seq_len = 8, 60
+    started = time.perf_counter()
     record = measure("tiny", TINY, n, seq_len=seq_len, warm_up=False)
+    elapsed = time.perf_counter() - started
     hidden, inter = TINY["hidden_size"], TINY["intermediate_size"]
     assert record["calibration_sequences"] == n
     assert record["calibration_tokens"] == n * seq_len
-    assert record["seconds"] > 0
-    assert record["stream_bytes"] == n * seq_len * hidden * 4 * 2
+    assert 0.1 * elapsed < record["seconds"] <= elapsed  # seconds (not ms), and the compression is most of the call
+    # two float32 streams (original and compressed) of the hidden state of every calibration token
+    tokens = sum(int(b["attention_mask"].sum()) for b in calibration_batches(n, seq_len=seq_len))
+    assert record["stream_bytes"] == tokens * hidden * 4 * 2
     # q, k, v, o, gate, up read hidden features, down reads intermediate ones
     assert record["covariance_bytes"] == (6 * hidden**2 + inter**2) * 8
     assert 0 < record["decoder_linear_params"] < record["model_params"]

@@ -1,5 +1,6 @@
 """The math of one matrix: the whitened-SVD loss identity, ranks from ratios, singular covariances."""
 
+import json
 import math
 from pathlib import Path
 
@@ -164,3 +165,71 @@ def test_fused_projections_keep_the_logits(method):
         torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=1e-5)
     shared = model.model.layers[0].self_attn.q_proj.shared
     assert shared._input is None and shared._output is None  # no activation is held between calls
+
+
+# ---- the Gram-eigendecomposition path of factorize (fast SVD at LLaMA widths) ---------------------------------------
+
+
+def whitened_problem(m: int, n: int, decades: float = 3.0, seed: int = 0):
+    X = correlated_inputs(n, 3 * n, seed)
+    X *= torch.logspace(0, -decades, n, dtype=torch.float64)[:, None]  # ill-conditioned inputs
+    W = torch.randn(m, n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    S, _ = cholesky_with_jitter(X @ X.T)
+    return W, S
+
+
+@pytest.mark.parametrize(("m", "n", "decades", "whiten"),
+                         [(64, 112, 3, True), (112, 64, 3, True), (96, 96, 6, True), (96, 160, 0, False),
+                          (160, 96, 0, False)])
+def test_gram_path_gives_the_exact_svd_factors(m, n, decades, whiten):
+    """Both orientations (Gram on the smaller side), whitened and plain: the dropped sigma^2, the error the factors
+    really leave and the product B A agree with LAPACK's SVD to 1e-9 relative (the documented bound is 1e-6)."""
+    W, S = whitened_problem(m, n, decades)
+    S = S if whiten else None
+    k = rank_for_ratio(m, n, 0.5)
+    (Be, Ae, se), (Bg, Ag, sg) = factorize(W, S, k, "exact"), factorize(W, S, k, "gram")
+    dropped = se[k:].square().sum().item()
+    assert sg[k:].square().sum().item() == pytest.approx(dropped, rel=1e-9)
+    for B, A in ((Be, Ae), (Bg, Ag)):
+        leaves = ((W - B @ A) @ (S if S is not None else torch.eye(n, dtype=W.dtype))).square().sum().item()
+        assert leaves == pytest.approx(dropped, rel=1e-9)
+    assert ((Bg @ Ag - Be @ Ae).norm() / (Be @ Ae).norm()).item() < 1e-9
+    torch.testing.assert_close(sg[:k], se[:k], rtol=1e-9, atol=0)
+    assert Bg.shape == (m, k) and Ag.shape == (k, n) and sg.shape == (min(m, n),)
+    assert not torch.equal(Bg @ Ag, Be @ Ae)  # a different computation, not the exact path again
+
+
+@pytest.mark.parametrize(("m", "n"), [(40, 60), (60, 40)])
+def test_gram_path_on_a_matrix_of_lower_rank_than_kept_stays_finite_and_exact(m, n):
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(m, 3, generator=g, dtype=torch.float64) @ torch.randn(3, n, generator=g, dtype=torch.float64)
+    B, A, sigma = factorize(W, None, 10, "gram")
+    assert all(torch.isfinite(t).all() for t in (B, A, sigma))
+    assert (sigma >= 0).all() and sigma[3:].max() < 1e-6 * sigma[0]
+    assert (W - B @ A).norm() < 1e-10 * W.norm()
+
+
+def test_auto_keeps_the_exact_svd_below_the_width_threshold_and_switches_above(monkeypatch):
+    import odllm.compress.lowrank as lowrank
+
+    W, S = whitened_problem(48, 64)
+    exact = factorize(W, S, 10, "exact")
+    assert min(256, 688) < lowrank.GRAM_MIN_WIDTH <= 4096  # the small default model keeps LAPACK's SVD
+    assert all(torch.equal(a, b) for a, b in zip(factorize(W, S, 10), exact, strict=True))
+    assert torch.equal(lowrank.singular_values(W @ S), torch.linalg.svdvals(W @ S))
+    monkeypatch.setattr(lowrank, "GRAM_MIN_WIDTH", 48)
+    gram = factorize(W, S, 10, "gram")
+    assert all(torch.equal(a, b) for a, b in zip(factorize(W, S, 10), gram, strict=True))
+    torch.testing.assert_close(lowrank.singular_values(W @ S)[:10], exact[2][:10], rtol=1e-9, atol=0)
+    with pytest.raises(ValueError, match="choose 'auto', 'exact' or 'gram'"):
+        factorize(W, S, 10, "randomized")
+
+
+def test_svd_speed_benchmark_writes_its_json(tmp_path):
+    from odllm.bench.svd_speed import main
+
+    main(["--shapes", "40x72", "72x40", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "svd_speed.json").read_text())["records"]
+    assert [(r["m"], r["n"], r["rank"]) for r in records] == [(40, 72, 12), (72, 40, 12)]
+    assert all(r["dropped_sigma2_rel_diff"] < 1e-9 and r["achieved_error_rel_diff"] < 1e-9 for r in records)
+    assert all(r["exact"]["seconds"] > 0 and r["gram"]["seconds"] > 0 for r in records)

@@ -31,6 +31,7 @@ from odllm.eval.metrics import format_metrics
 from odllm.eval.protocol import EvalSettings, check_items, fidelity, popularity_baseline, public, score_examples
 from odllm.files import write_json
 from odllm.model.recommender import COMPRESSION_FILE, Recommender, check_dataset
+from odllm.versions import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def compress_recommender(
         "test": public(result),
         "fidelity": close,
         "popularity": popularity_baseline(split, dense.encoder, split.test, job.eval.ks),
+        "versions": package_versions(),
         "config": job.config,
     }
     write_json(output_dir / "compression_report.json", report)

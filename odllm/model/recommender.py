@@ -89,9 +89,6 @@ def read_meta(directory: Path, fix: str) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(meta, dict):
         raise SavedModelError(f"{path} must hold a JSON object, found {type(meta).__name__}; {fix}")
-    if meta.get("compression") and not (directory / COMPRESSION_FILE).exists():
-        raise SavedModelError(f"{directory / COMPRESSION_FILE} is missing, but {META_FILE} says the model is "
-                              f"compressed ({meta['compression']!r:.80}); {fix}")
     return meta
 
 
@@ -119,9 +116,11 @@ def load_hf_model(directory: Path) -> torch.nn.Module:
         raise ValueError(f"{directory} holds a compressed model: load it with odllm.compress.saved.load_recommender")
     model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
     missing = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
-    if missing:
-        raise SavedModelError(f"{directory} lacks {len(missing)} weights (e.g. {missing[:3]}) or holds them in the "
-                              f"wrong shape; {rewrite_hint(directory)}")
+    if missing:  # e.g. a compressed model whose compression.json is lost: its factors are not the dense weights
+        raise SavedModelError(
+            f"{directory} lacks {len(missing)} weights (e.g. {missing[:3]}) or holds them in the wrong shape (a "
+            f"compressed model needs its {COMPRESSION_FILE}); {rewrite_hint(directory)}"
+        )
     return model
 
 

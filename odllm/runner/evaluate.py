@@ -15,6 +15,7 @@ from odllm.eval.protocol import check_items, popularity_baseline, public, score_
 from odllm.files import write_json
 from odllm.model.recommender import check_dataset
 from odllm.runner.loggers import log_results, run_logger
+from odllm.versions import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
         "compression": rec.meta.get("compression"),  # method and ratio of a compressed model, None when dense
         "test": public(result),
         "popularity": popularity_baseline(split, rec.encoder, examples, cfg.eval.ks),
+        "versions": package_versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_json(Path(output_dir) / "metrics.json", payload)

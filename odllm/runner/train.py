@@ -31,6 +31,7 @@ from odllm.model.module import SeqRecModule
 from odllm.model.recommender import Recommender
 from odllm.runner.loggers import log_results, run_logger, sweep_job
 from odllm.runner.train_sasrec import train_sasrec
+from odllm.versions import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
         "valid_users": len(valid),
         "test": public(test),
         "popularity": popularity_baseline(split, encoder, split.test, cfg.eval.ks),
+        "versions": package_versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_json(output_dir / "metrics.json", payload)
