@@ -7,8 +7,10 @@ primitives, :class:`ConfigError` and the sections shared with the lower wings' m
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from odllm.checks import (  # noqa: F401 (ConfigError: the config layer's error, re-exported)
@@ -30,7 +32,7 @@ from odllm.data.items import ItemCodes, item_codes_for
 from odllm.data.prompts import SEQREC_TEMPLATES
 from odllm.eval.protocol import EvalSettings
 from odllm.model.artifacts import dense_model_dir
-from odllm.model.backbone import BackboneSpec
+from odllm.model.backbone import TRAINING_DTYPES, BackboneSpec
 
 CONF_DIR = Path(__file__).parents[1] / "conf"  # the repository's Hydra configs
 
@@ -46,7 +48,15 @@ def dataset_source(cfg: DictConfig) -> DatasetSource:
 def eval_settings(cfg: DictConfig) -> EvalSettings:
     e = cfg.eval
     return EvalSettings(num_beams=e.num_beams, batch_size=e.batch_size, ks=tuple(e.ks), template=e.template,
-                        progress=e.progress)
+                        progress=e.progress, test_users=e.get("test_users"))
+
+
+def device(cfg: DictConfig) -> torch.device:
+    """``device``: auto = the first CUDA GPU when there is one, else the CPU; or cpu, cuda, cuda:N, mps."""
+    name = cfg.get("device") or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def backbone_spec(cfg: DictConfig) -> BackboneSpec:
@@ -74,6 +84,7 @@ def compression_job(cfg: DictConfig) -> CompressionJob:
         calibration=Calibration(size=c.size, batch_size=c.batch_size, tokens=c.tokens),
         eval=eval_settings(cfg),
         config=plain(cfg),
+        evaluate=cfg.get("compress_eval", True),
     )
 
 
@@ -111,6 +122,8 @@ def check_train(cfg: DictConfig) -> None:
                           "ckpt_path=outputs/train/ml-100k/<time>/checkpoints/last.ckpt")
     if cfg.model.get("kind") == "sasrec":  # the SASRec baseline reads its own model.* keys
         return
+    if cfg.model.get("dtype") is not None:
+        choice(cfg, "model.dtype", TRAINING_DTYPES)
     number(cfg, "model.dropout", 0, 1, 0.1, closed="[)")
     number(cfg, "train.lr", 0, None, 2e-3, closed="(]")
     number(cfg, "train.weight_decay", 0, None, 0.01)
@@ -136,6 +149,9 @@ def check_compress(cfg: DictConfig) -> None:
     check_ratio(cfg)
     check_calibration(cfg)
     text(cfg, "model_dir", "models/ml-100k", optional=True)
+    check_device(cfg)
+    if cfg.get("compress_eval") is not None:
+        boolean(cfg, "compress_eval")
 
 
 def check_evaluate(cfg: DictConfig) -> None:
@@ -144,6 +160,27 @@ def check_evaluate(cfg: DictConfig) -> None:
     check_eval(cfg)
     check_logger(cfg)
     text(cfg, "model_dir", "models/ml-100k", optional=True)
+    check_device(cfg)
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(cfg: DictConfig) -> None:
+    """``device``: auto, cpu, cuda, cuda:N or mps; a GPU that is not there is an error, not a silent CPU run."""
+    name = text(cfg, "device", "auto", optional=True) or "auto"
+    if not DEVICE.fullmatch(name):
+        raise ConfigError(f"device={name!r} is not auto, cpu, cuda, cuda:N or mps, e.g. device=auto")
+    if name.startswith("cuda"):
+        index = int(name.partition(":")[2] or 0)
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name} but torch finds no CUDA GPU (torch {torch.__version__}, "
+                              f"CUDA build: {torch.version.cuda}); use device=cpu or device=auto")
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name} but only {torch.cuda.device_count()} CUDA GPU(s) are visible; "
+                              f"use device=cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device=mps but the MPS backend is not available; use device=cpu or device=auto")
 
 
 def check_benchmark(cfg: DictConfig) -> None:
@@ -212,6 +249,7 @@ def check_eval(cfg: DictConfig) -> None:
     ks = int_list(cfg, "eval.ks", 1, "[1,5,10]")
     integer(cfg, "eval.template", 0, 0, maximum=len(SEQREC_TEMPLATES) - 1)
     boolean(cfg, "eval.progress")
+    integer(cfg, "eval.test_users", 1, 200, optional=True)
     if beams < max(ks):
         raise ConfigError(f"eval.num_beams={beams} is smaller than max(eval.ks)={max(ks)}: beam search ranks only "
                           f"num_beams items, so HR@{max(ks)} needs eval.num_beams >= {max(ks)}, "

@@ -22,7 +22,7 @@ import torch
 
 from odllm.compress.driver import Streams, compare_layers
 from odllm.compress.lowrank import LowRankLinear, cholesky_with_jitter, factorize
-from odllm.compress.statistics import capture_inputs
+from odllm.compress.statistics import capture_inputs, product
 
 
 def refit_group(
@@ -38,18 +38,20 @@ def refit_group(
       unconstrained fit W* = W K C'^{-1}, truncated in the C' norm, i.e. ``factorize(W*, chol(C'), k)``,
       the whitened SVD of step 2 again, now on what the layer really sees and aimed at the original output.
 
-    A refit is kept only where E falls. Returns per linear the relative errors and the decision.
+    A refit is kept only where E falls. Returns per linear the relative errors and the decision. The sums are
+    float64 on the layer's device, each batch's products formed as :func:`odllm.compress.statistics.product` does.
     """
     dense = {name: original.get_submodule(name) for name in group}
     n = next(iter(group.values())).in_features
-    Cc, K, C = (torch.zeros(n, n, dtype=torch.float64) for _ in range(3))
+    device = dense[next(iter(group))].weight.device
+    Cc, K, C = (torch.zeros(n, n, dtype=torch.float64, device=device) for _ in range(3))
     first = next(iter(group))
     for x, xc, kw, mask in streams:
-        a = capture_inputs(original, x, kw, {first: dense[first]}, mask)[first].double()
-        b = capture_inputs(layer, xc, kw, {first: group[first]}, mask)[first].double()
-        Cc += b.T @ b
-        K += a.T @ b
-        C += a.T @ a
+        a = capture_inputs(original, x, kw, {first: dense[first]}, mask)[first]
+        b = capture_inputs(layer, xc, kw, {first: group[first]}, mask)[first]
+        Cc += product(b, b)
+        K += product(a, b)
+        C += product(a, a)
     results = {}
     for name, module in group.items():
         W, k = dense[name].weight.double(), module.rank
@@ -57,10 +59,10 @@ def refit_group(
         A = module.A.weight.double()
         if factors == "B":
             G = A @ Cc @ A.T
-            L, _ = cholesky_with_jitter(G + ridge * G.trace() / k * torch.eye(k, dtype=G.dtype))
+            L, _ = cholesky_with_jitter(G + ridge * G.trace() / k * torch.eye(k, dtype=G.dtype, device=G.device))
             B = torch.cholesky_solve((W @ K @ A.T).T, L).T
         else:
-            S, _ = cholesky_with_jitter(Cc + ridge * Cc.trace() / n * torch.eye(n, dtype=Cc.dtype))
+            S, _ = cholesky_with_jitter(Cc + ridge * Cc.trace() / n * torch.eye(n, dtype=Cc.dtype, device=Cc.device))
             B, A, _ = factorize(W @ torch.cholesky_solve(K.T, S).T, S, k)
         before, after = (
             ((M @ Cc) * M).sum().item() - 2 * ((M @ K.T) * W).sum().item() + energy

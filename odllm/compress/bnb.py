@@ -204,7 +204,8 @@ class BitsAndBytes:
         if self.quant_type not in ("int8", "nf4"):
             raise ValueError(f"quant_type={self.quant_type!r}; choose 'int8' or 'nf4'")
         if linear.weight.device.type != "cpu":
-            raise ValueError(f"{name} is on {linear.weight.device}; the bnb methods here run on the CPU")
+            raise ValueError(f"{name} is on {linear.weight.device}; the bnb methods here run on the CPU only: "
+                             "pass device=cpu")
 
     def compress_linear(self, name: str, linear: nn.Linear, stats) -> tuple[nn.Module, dict]:
         if self.quant_type == "int8":

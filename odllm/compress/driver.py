@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from odllm.compress.statistics import InputCovariances, LinearStatistics, StopForward, real_tokens
 from odllm.compress.storage import is_compressed, sizes, storage, totals
+from odllm.eval.generation import model_device
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,12 @@ def compress_layers(
 
     ``batches``: dicts with left-padded ``input_ids`` and ``attention_mask`` ``[B, T]`` (and optionally a
     ``statistics_mask``); pad tokens count nowhere. Every linear's shape is validated before any work.
+    The batches are moved to the model's device; every stream, statistic and factor stays there, in the model's
+    dtype (statistics: float64 sums, :mod:`odllm.compress.statistics`).
+
+    Memory (not yet restructured, see docs/scale.md): both streams hold every calibration batch's hidden states
+    for the whole run (2 x size x tokens x hidden), and each layer is deep-copied as the reference while it is
+    compressed; the caller (``odllm.compress.pipeline``) holds the dense model beside this one.
     """
     layers = decoder_layers(model)
     if any(is_compressed(m) for m in layers.modules()):
@@ -163,6 +170,8 @@ def compress_layers(
                 algorithm.validate(f"{names[layer]}.{name}", linear)
     training = model.training
     model.eval()
+    device = model_device(model)
+    batches = [{key: value.to(device) for key, value in batch.items()} for batch in batches]
     sizes_before = sizes(model, layers)
     # statistics and errors use only the tokens named by ``statistics_mask`` (default: every non-pad token)
     masks = [batch.get("statistics_mask", batch["attention_mask"]).bool() for batch in batches]

@@ -43,11 +43,14 @@ class QuantEmbedding(QuantHead):
     gathers; :meth:`project` multiplies by the whole table (the output head of a tied model)."""
 
     kind = "quant_embedding"
+    output_dtype = torch.float32  # the dtype of the rows a lookup returns: the dense table's (set where built)
 
     @classmethod
     def empty(cls, embedding: nn.Embedding, spec: dict) -> QuantEmbedding:
-        return cls(embedding.embedding_dim, embedding.num_embeddings, spec["bits"], spec["group_size"],
-                   scale_dtype=spec.get("scale_dtype", "float16"))
+        module = cls(embedding.embedding_dim, embedding.num_embeddings, spec["bits"], spec["group_size"],
+                     scale_dtype=spec.get("scale_dtype", "float16"))
+        module.output_dtype = embedding.weight.dtype
+        return module
 
     @property
     def num_embeddings(self) -> int:
@@ -58,7 +61,7 @@ class QuantEmbedding(QuantHead):
         return self.in_features
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.dequantized_rows(ids)
+        return self.dequantized_rows(ids).to(self.output_dtype)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)
@@ -118,11 +121,13 @@ def compress_embeddings(model: nn.Module, mode: str | None, report: dict) -> Non
     names = {id(m): name for name, m in model.named_modules()}
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embedding.weight
-    table = QuantEmbedding.from_linear(embedding, BITS)
+    table = QuantEmbedding.from_linear(embedding, BITS).to(embedding.weight.device)
+    table.output_dtype = embedding.weight.dtype  # a bf16 model's hidden states stay bf16
     done = {names[id(embedding)]: _entry(embedding.weight, storage([embedding])["bytes"], table, table)}
     model.set_submodule(names[id(embedding)], table)
     if head is not None:
-        quantized = TiedHead(names[id(embedding)], table) if tied else QuantHead.from_linear(head, BITS)
+        quantized = (TiedHead(names[id(embedding)], table) if tied
+                     else QuantHead.from_linear(head, BITS).to(head.weight.device))
         before = 0 if tied else storage([head])["bytes"]  # a tied head's weight is the embedding's
         done[names[id(head)]] = {**_entry(head.weight, before, quantized, table if tied else quantized), "tied": tied}
         model.set_submodule(names[id(head)], quantized)

@@ -64,7 +64,7 @@ def inverse_hessian_factor(
     mean = H.diagonal().mean()
     for attempt in range(DAMP_RETRIES + 1):
         used = damp * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H + used * mean * torch.eye(len(H), dtype=H.dtype))
+        L, info = torch.linalg.cholesky_ex(H + used * mean * torch.eye(len(H), dtype=H.dtype, device=H.device))
         if info == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if info == 0:
@@ -99,16 +99,16 @@ def gptq_quantize(
     m, n = W.shape
     g = effective_group_size(group_size, n)
     check_bits(bits)
-    scales = torch.zeros(m, n // g, dtype=torch.float64)
+    scales = torch.zeros(m, n // g, dtype=torch.float64, device=W.device)
     zeros = torch.zeros_like(scales)
     if group_size == -1 or static_groups:  # grids from the original weights, as the reference does
         for k in range(n // g):
             scales[:, k], zeros[:, k] = minmax_grid(W[:, k * g : (k + 1) * g], bits, scale_dtype)
-    U, dead, damp_used = inverse_hessian_factor(H.double(), W, damp)
+    U, dead, damp_used = inverse_hessian_factor(H.to(W.device, torch.float64), W, damp)
 
     codes = torch.zeros_like(W)
     Q = torch.zeros_like(W)
-    losses = torch.zeros(m, dtype=torch.float64)
+    losses = torch.zeros(m, dtype=torch.float64, device=W.device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = W[:, i1:i2].clone()

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from odllm.data.batches import IGNORE_INDEX, Sample, collate_right
+from odllm.eval.generation import model_device
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ def heal(
 
     Batches are drawn from ``samples`` in a seeded random order (a new order each pass over them).
     Returns the steps, samples seen, seconds and the mean KL of the first and last tenth of the steps.
+    Batches are made on the student's device (the teacher gets them there too); the parameters keep their dtype.
     """
     if steps <= 0:
         raise ValueError(f"heal.steps={steps}; give a positive number of distillation steps (or heal: null)")
@@ -66,15 +68,16 @@ def heal(
     student.train()
     losses = []
     started = time.perf_counter()
+    device, teacher_device = model_device(student), model_device(teacher)
     with torch.enable_grad():
         for _ in tqdm(range(steps), desc="heal", disable=not progress):
             if len(order) < batch_size:
                 order += rng.sample(range(len(samples)), len(samples))
-            batch = collate_right([samples[i] for i in order[:batch_size]], pad_id)
+            batch = collate_right([samples[i] for i in order[:batch_size]], pad_id, device)
             del order[:batch_size]
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             with torch.no_grad():
-                teacher_logits = teacher(**inputs).logits
+                teacher_logits = teacher(**{k: v.to(teacher_device) for k, v in inputs.items()}).logits.to(device)
             loss = distillation_kl(student(**inputs).logits, teacher_logits, batch["labels"])
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"healing diverged (KL {loss.item()}); lower heal.lr={lr}")

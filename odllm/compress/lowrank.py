@@ -52,7 +52,8 @@ class LowRankLinear(nn.Module):
     @classmethod
     def empty(cls, linear: nn.Linear, spec: dict) -> LowRankLinear:
         """The module ``spec`` describes (shapes only), for ``load_state_dict`` to fill."""
-        return cls(linear.in_features, linear.out_features, spec["rank"], bias=linear.bias is not None)
+        return cls(linear.in_features, linear.out_features, spec["rank"], bias=linear.bias is not None,
+                   device=linear.weight.device, dtype=linear.weight.dtype)  # factors in the model's dtype
 
     kind = "lowrank"
 

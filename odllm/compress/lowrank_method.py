@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from odllm.compress.align import align_layer
+from odllm.compress.allocation import IMPORTANCE, choose_ranks
 from odllm.compress.driver import Streams, compare_layers, compress_layers
 from odllm.compress.lowrank import LowRankLinear, cholesky_with_jitter, factorize, rank_for_ratio, singular_values
 from odllm.compress.quant import check_bits
@@ -37,6 +38,8 @@ RATIO_MEANING = (
     "embeddings, lm_head and norms stay dense"
 )
 
+ALLOCATION = ("uniform", "loss")  # LowRank's ``allocation`` choices (odllm.compress.allocation)
+
 WHITENING = {False: "none", True: "cholesky", "asvd": "asvd"}  # LowRank's ``whiten`` choices
 
 ALIGNMENT = (False, "B", "BA")  # LowRank's ``align`` choices: none, refit B, refit both factors
@@ -49,21 +52,27 @@ def asvd_scaling(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     top = s.max()
     return torch.ones_like(s) if top <= 0 else s + 1e-6 * top
 
+USE_RATIO = "ratio"  # factorise_linear's default ``rank``: the one ``ratio`` gives
+
+
 def factorise_linear(
     name: str, linear: nn.Linear, C: torch.Tensor, ratio: float, whiten: bool | str,
-    abs_mean: torch.Tensor | None = None, alpha: float = 0.5,
+    abs_mean: torch.Tensor | None = None, alpha: float = 0.5, rank: int | None | str = USE_RATIO,
 ):
     """``(LowRankLinear or None when kept dense, report entry, truncated spectrum or None)``.
 
     ``whiten``: True = Cholesky factor of C (optimal for the output error), "asvd" = diag(mean|x|^alpha),
     False = none. ``predicted_error`` is the sum of dropped sigma^2, i.e. the error the choice minimises:
-    output error (whitened), scaled weight error (asvd), weight error (plain).
+    output error (whitened), scaled weight error (asvd), weight error (plain). ``rank``: an allocated rank
+    (None = keep dense) instead of the one ``ratio`` gives.
     """
     m, n = linear.weight.shape
     params = sum(p.numel() for p in linear.parameters())
     entry = {"name": name, "shape": [m, n], "rank": "dense", "params_before": params, "params_after": params}
-    k = rank_for_ratio(m, n, ratio)
-    if k is None:
+    k = rank_for_ratio(m, n, ratio) if rank == USE_RATIO else rank
+    if k is not None and not 1 <= k <= min(m, n):
+        raise ValueError(f"{name}: rank {k} is outside [1, min(m, n) = {min(m, n)}] for a {m}x{n} matrix")
+    if k is None or k * (m + n) >= m * n:
         return None, entry, None
     S, jitter = cholesky_with_jitter(C)
     if jitter:
@@ -91,14 +100,24 @@ def factorise_linear(
 
 @dataclass
 class LowRank:
-    """Truncated SVD per linear at ``ratio`` (whitened, ASVD-scaled or plain), optionally aligned."""
+    """Truncated SVD per linear at ``ratio`` (whitened, ASVD-scaled or plain), optionally aligned.
+
+    ``allocation="loss"``: :meth:`allocate` (a pre-pass over the dense model, before ``compress_layers``) shares
+    the uniform ratio's parameter total out by whitened truncation loss (:mod:`odllm.compress.allocation`);
+    ``ranks`` then holds the rank of each matrix by full name (None = kept dense).
+    """
 
     ratio: float
     whiten: bool | str = True
     align: bool | str = "BA"  # false, "B" (the paper: refit B) or "BA" (refit both factors)
     ridge: float = 1e-4
     alpha: float = 0.5  # ASVD's exponent; used only with whiten="asvd"
+    allocation: str = "uniform"  # uniform: every matrix at ``ratio``; loss: ranks by loss per parameter
+    importance: str = "kl"  # allocation=loss: each matrix's loss weight (kl, energy, none; see allocation.py)
+    sensitivity_prompts: int = 64  # importance=kl: calibration prompts the per-matrix KL is measured on
+    ranks: dict | None = None  # per-matrix ranks by full name (None = dense); None = the uniform ratio
     spectra: dict = field(default_factory=dict)
+    allocation_report: dict = field(default_factory=dict, init=False)
 
     statistics = "original"
 
@@ -107,6 +126,21 @@ class LowRank:
             raise ValueError(f"whiten={self.whiten!r}; choose true (Cholesky), false (none) or 'asvd'")
         if self.align not in ALIGNMENT:
             raise ValueError(f"align={self.align!r}; choose false (none), 'B' (refit B) or 'BA' (refit B and A)")
+        if self.allocation not in ALLOCATION:
+            raise ValueError(f"allocation={self.allocation!r}; choose one of {list(ALLOCATION)}")
+        if self.allocation == "loss" and self.whiten is not True:
+            raise ValueError("allocation=loss shares ranks by whitened truncation loss: it needs whiten=true")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"importance={self.importance!r}; choose one of {list(IMPORTANCE)}")
+
+    def allocate(self, model: nn.Module, batches: list[dict]) -> None:
+        """allocation=loss: choose ``ranks`` from the dense ``model`` and the calibration ``batches`` (call it
+        before ``compress_layers``); allocation=uniform: nothing."""
+        if self.allocation != "loss":
+            return
+        self.ranks, self.allocation_report = choose_ranks(
+            model, batches, self.ratio, self.importance, self.sensitivity_prompts
+        )
 
     @property
     def sequential(self) -> bool:
@@ -115,14 +149,21 @@ class LowRank:
     def settings(self) -> dict:
         settings = {"ratio": self.ratio, "ratio_meaning": RATIO_MEANING, "whiten": self.whiten,
                     "align": self.align, "ridge": self.ridge}
+        if self.allocation != "uniform":  # uniform runs keep the report they always had
+            settings["allocation"] = self.allocation_report or {"rule": self.allocation}
         return {**settings, "alpha": self.alpha} if self.whiten == "asvd" else settings
 
     def validate(self, name: str, linear: nn.Linear) -> None:
         rank_for_ratio(*linear.weight.shape, self.ratio)
+        if self.ranks is not None and name not in self.ranks:
+            raise ValueError(f"no allocated rank for {name}: the ranks were chosen on another model")
 
     def compress_linear(self, name: str, linear: nn.Linear, stats: LinearStatistics):
+        if self.allocation == "loss" and self.ranks is None:
+            raise RuntimeError("allocation=loss: call LowRank.allocate(model, batches) before compress_layers")
+        rank = USE_RATIO if self.ranks is None else self.ranks[name]
         module, entry, spectrum = factorise_linear(
-            name, linear, stats.covariance, self.ratio, self.whiten, stats.abs_mean, self.alpha
+            name, linear, stats.covariance, self.ratio, self.whiten, stats.abs_mean, self.alpha, rank
         )
         if spectrum is not None:
             self.spectra[name] = spectrum
@@ -181,6 +222,8 @@ def compress_model(
     align: bool,
     ridge: float = 1e-4,
     alpha: float = 0.5,
+    allocation: str = "uniform",
+    importance: str = "kl",
     progress: bool = True,
 ) -> dict:
     """Low-rank compression of ``model`` in place; returns a JSON-serialisable report (``report["spectra"]``
@@ -189,5 +232,7 @@ def compress_model(
     Without ``align`` only the original stream is needed and each layer's output error is measured on it;
     with ``align`` it is measured on the compressed stream, before and after the refit.
     """
-    algorithm = LowRank(ratio=ratio, whiten=whiten, align=align, ridge=ridge, alpha=alpha)
+    algorithm = LowRank(ratio=ratio, whiten=whiten, align=align, ridge=ridge, alpha=alpha, allocation=allocation,
+                        importance=importance)
+    algorithm.allocate(model, batches)
     return compress_layers(model, batches, algorithm, progress=progress)

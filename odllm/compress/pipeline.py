@@ -23,13 +23,14 @@ from odllm.compress.heal import heal
 from odllm.compress.lowrank_method import LowRank
 from odllm.compress.registry import build_algorithm, model_tag, uses_ratio
 from odllm.compress.saved import save_compression_config
-from odllm.compress.spectra import plot_spectra
+from odllm.compress.spectra import plot_ranks, plot_spectra
 from odllm.data.batches import left_pad
 from odllm.data.dataset import DatasetSource, Split, leave_one_out, load_dataset
 from odllm.data.prompts import SeqRecEncoder, build_training_samples
 from odllm.eval.metrics import format_metrics
 from odllm.eval.protocol import EvalSettings, check_items, fidelity, popularity_baseline, public, score_examples
 from odllm.files import write_json
+from odllm.model.backbone import memory_summary
 from odllm.model.recommender import COMPRESSION_FILE, Recommender, check_dataset
 from odllm.versions import package_versions
 
@@ -58,6 +59,8 @@ class CompressionJob:
     calibration: Calibration
     eval: EvalSettings
     config: dict = field(default_factory=dict)  # the whole resolved config, recorded in metrics.json
+    evaluate: bool = True  # compress_eval: false compresses and saves only (evaluate.py scores the model later)
+    test_users_note: str = "all test users"  # which users split.test holds (odllm.eval.protocol.sample_test_users)
 
 
 def calibration_batches(
@@ -100,10 +103,13 @@ def compress_recommender(
     dense: Recommender, split: Split, method: Mapping, job: CompressionJob, output_dir: Path,
     dense_result: dict | None = None,
 ) -> dict:
-    """Compress ``dense`` (left untouched), evaluate both on the test split, save the compressed model.
+    """Compress ``dense`` (left untouched), evaluate both on the test split (unless ``job.evaluate`` is false),
+    save the compressed model.
 
     ``method``: a method config as a plain dict (``conf/method/*.yaml``, see :mod:`odllm.compress.registry`).
     ``dense_result`` (a :func:`score_examples` result of the dense model) saves its re-evaluation in sweeps.
+    The copy is compressed on the dense model's device and in its dtype. Memory: the dense model and its copy are
+    both held (the dense one is the teacher of healing and the reference of the fidelity numbers).
     """
     ratio = job.ratio if uses_ratio(method) else None
     algorithm = build_algorithm(method, ratio)  # settings (and a low-rank method's ratio) checked first
@@ -117,6 +123,8 @@ def compress_recommender(
     )
     started = time.perf_counter()
     model = copy.deepcopy(dense.model)
+    if isinstance(algorithm, LowRank):
+        algorithm.allocate(model, batches)  # allocation=loss: ranks from the dense model first; uniform: nothing
     report = compress_layers(model, batches, algorithm, progress=job.eval.progress)
     seconds = time.perf_counter() - started
     log.info("compressed with %s (%s) in %.1f s", method["name"], model_tag(method, ratio) or "defaults", seconds)
@@ -131,14 +139,16 @@ def compress_recommender(
     compress_embeddings(model, method.get("embeddings"), report)  # int8 embedding table and lm_head, or nothing
 
     trie = dense.trie()
-    if dense_result is None:
-        dense_result = score_examples(dense.model, dense.encoder, trie, split.test, job.eval, pad_id, desc="dense")
-    result = score_examples(model, dense.encoder, trie, split.test, job.eval, pad_id, desc=method["name"])
-    close = fidelity(
-        dense.model, model, dense.encoder, split.test,
-        dense_result["_recommendations"].top_codes, result["_recommendations"].top_codes,
-        template=job.eval.template, batch_size=job.eval.batch_size, pad_id=pad_id,
-    )
+    result = close = None
+    if job.evaluate:
+        if dense_result is None:
+            dense_result = score_examples(dense.model, dense.encoder, trie, split.test, job.eval, pad_id, desc="dense")
+        result = score_examples(model, dense.encoder, trie, split.test, job.eval, pad_id, desc=method["name"])
+        close = fidelity(
+            dense.model, model, dense.encoder, split.test,
+            dense_result["_recommendations"].top_codes, result["_recommendations"].top_codes,
+            template=job.eval.template, batch_size=job.eval.batch_size, pad_id=pad_id,
+        )
     about = {"method": method["name"], "ratio": ratio, "settings": dict(method)}
     compressed = Recommender(model, dense.tokenizer, dense.item_codes, {**dense.meta, "compression": about})
     model_dir = compressed.save(compressed_model_dir(job.models_dir, job.dataset, method, ratio),
@@ -150,6 +160,8 @@ def compress_recommender(
     }
     if isinstance(algorithm, LowRank):
         plot_spectra(report, output_dir / "spectra.png")
+        if algorithm.ranks is not None:
+            plot_ranks(report, output_dir / "ranks.png")
     report.pop("spectra")  # plotted; too bulky for the JSON report
     payload = {
         "dataset": job.dataset,
@@ -160,30 +172,41 @@ def compress_recommender(
         "compress_seconds": round(seconds, 1),
         "heal": healing,
         "calibration_sequences": job.calibration.size,
-        "storage": report["settings"].get("storage", "float32 weights (low-rank factors where factorised)"),
+        "storage": report["settings"].get("storage", f"{memory_summary(model)['dtype']} weights (low-rank factors "
+                                                     "where factorised)"),
         "sizes": sizes,
-        "dense": public(dense_result),
-        "test": public(result),
+        "evaluation": "done" if job.evaluate else (
+            f"skipped (compress_eval=false): score it later with python evaluate.py model_dir={model_dir}"),
+        "test_users": len(split.test),
+        "test_users_note": job.test_users_note,
+        "dense": public(dense_result) if job.evaluate else None,
+        "test": public(result) if job.evaluate else None,
         "fidelity": close,
         "popularity": popularity_baseline(split, dense.encoder, split.test, job.eval.ks),
+        "resources": {**memory_summary(model), "compress_seconds": round(seconds, 1)},
         "versions": package_versions(),
         "config": job.config,
     }
     write_json(output_dir / "compression_report.json", report)
     write_json(output_dir / "metrics.json", payload)
+    if not job.evaluate:
+        log.info("saved %s without evaluation (compress_eval=false): python evaluate.py model_dir=%s", method["name"],
+                 model_dir)
+        return payload
     log.info("dense       %s", format_metrics(dense_result["metrics"]))
     log.info("%-11s %s", method["name"], format_metrics(result["metrics"]))
     log.info("KL to dense %.4f, top-10 overlap %.3f", close["kl"], close["top10_overlap"])
     return payload
 
 def load_dense(
-    model_dir: Path, source: DatasetSource, max_history: int, allow_other_dataset: bool = False
+    model_dir: Path, source: DatasetSource, max_history: int, allow_other_dataset: bool = False,
+    device: torch.device | str | None = None,
 ) -> tuple[Recommender, Split]:
-    """The dense model to compress and the split of the dataset it was trained on (its odllm.json says which;
-    ``allow_other_dataset`` uses it on ``source`` anyway, recording both names)."""
+    """The dense model to compress (in its saved dtype, on ``device``) and the split of the dataset it was trained
+    on (its odllm.json says which; ``allow_other_dataset`` uses it on ``source`` anyway, recording both names)."""
     if (model_dir / COMPRESSION_FILE).exists():
         raise ValueError(f"{model_dir} holds a compressed model; pass model_dir=<the dense model train.py saved>")
-    dense = Recommender.load(model_dir)
+    dense = Recommender.load(model_dir, device=device)
     check_dataset(dense.meta, model_dir, source.name, allow_other_dataset)
     if dense.meta.get("dataset", source.name) != source.name:  # the compressed model is named after source.name
         dense.meta = {**dense.meta, "dataset": source.name,

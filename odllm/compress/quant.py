@@ -51,13 +51,13 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(torch.uint8)
     if mask.shape[-1] % 8:
         mask = F.pad(mask, (0, 8 - mask.shape[-1] % 8))
-    weights = 2 ** torch.arange(8, dtype=torch.uint8)
+    weights = 2 ** torch.arange(8, dtype=torch.uint8, device=mask.device)
     return (mask.unflatten(-1, (-1, 8)) * weights).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: uint8 ``[..., ceil(n / 8)]`` -> boolean ``[..., n]``."""
-    shifts = torch.arange(8, dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     return ((packed.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :n].bool()
 
 
@@ -149,7 +149,7 @@ class QuantLinear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128, bias: bool = False,
-        scale_dtype: str = "float16", kind: str | None = None,
+        scale_dtype: str = "float16", kind: str | None = None, bias_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if kind is not None:
@@ -164,7 +164,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, math.ceil(in_features / per_byte), dtype=torch.uint8))
         self.register_buffer("qzeros", torch.zeros(out_features, math.ceil(groups / per_byte), dtype=torch.uint8))
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=SCALE_DTYPES[scale_dtype]))
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        # the bias stays in the model's dtype (``bias_dtype``), as the dense linear had it
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
         self.keep_dequantized = False
         self._dequantized: torch.Tensor | None = None
 
@@ -175,7 +176,8 @@ class QuantLinear(nn.Module):
     ) -> QuantLinear:
         """The module storing ``codes [m, n]`` (integers in [0, 2^bits)), ``scales``/``zeros [m, groups]``."""
         m, n = codes.shape
-        module = cls(n, m, bits, group_size, bias is not None, scale_dtype, kind)
+        module = cls(n, m, bits, group_size, bias is not None, scale_dtype, kind,
+                     bias_dtype=None if bias is None else bias.dtype)
         with torch.no_grad():
             module.qweight.copy_(module._pack(codes))
             module.qzeros.copy_(module._pack(zeros))
@@ -190,13 +192,15 @@ class QuantLinear(nn.Module):
         codes, scales, zeros = rtn_quantize(linear.weight.detach().float(), bits, group_size)
         bias = None if getattr(linear, "bias", None) is None else linear.bias.detach()
         kind = "rtn" if cls is QuantLinear else None
-        return cls.from_codes(codes, scales, zeros, bits=bits, group_size=group_size, bias=bias, kind=kind)
+        module = cls.from_codes(codes, scales, zeros, bits=bits, group_size=group_size, bias=bias, kind=kind)
+        return module.to(linear.weight.device)  # where the dense weight was (its buffers are made on the CPU)
 
     @classmethod
     def empty(cls, linear: nn.Linear, spec: dict) -> QuantLinear:
         """The module ``spec`` describes, with zero buffers for ``load_state_dict`` to fill."""
         return cls(linear.in_features, linear.out_features, spec["bits"], spec["group_size"],
-                   linear.bias is not None, spec.get("scale_dtype", "float16"), spec["kind"])
+                   linear.bias is not None, spec.get("scale_dtype", "float16"), spec["kind"],
+                   bias_dtype=None if linear.bias is None else linear.bias.dtype)
 
     @classmethod
     def stacked(cls, modules: list[QuantLinear]) -> QuantLinear:

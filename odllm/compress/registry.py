@@ -2,6 +2,8 @@
 
 - ``lowrank``: odllm, svd, svd_whiten, svd_align, asvd (whiten: true / false / asvd, align, ridge, alpha;
   the top-level ``ratio``); with ``factor_bits`` (odllm_int8) the factors are then stored as integers;
+  ``allocation: loss`` (odllm_alloc; importance, sensitivity_prompts) shares the ratio's parameter total out by
+  loss per parameter (``LowRank.allocate`` runs before the layer loop);
 - ``gptq``: gptq, gptq8 (bits, group_size, block_size, damp, scale_dtype, static_groups);
 - ``sparsegpt``: sparsegpt, sparsegpt24 (sparsity, pattern: unstructured or n:m, block_size, damp);
 - ``bnb``: bnb_int8, bnb_nf4 (quant_type, threshold, blocksize, double_quant).
@@ -29,7 +31,7 @@ from odllm.compress.sparsegpt import SparseGPT
 ALGORITHMS = ("lowrank", "gptq", "sparsegpt", "bnb")
 KNOWN_METHODS = {
     "odllm": "lowrank", "odllm_b": "lowrank", "svd": "lowrank", "svd_whiten": "lowrank", "svd_align": "lowrank",
-    "asvd": "lowrank", "odllm_int8": "lowrank",
+    "asvd": "lowrank", "odllm_int8": "lowrank", "odllm_alloc": "lowrank",
     "gptq": "gptq", "gptq8": "gptq", "sparsegpt": "sparsegpt", "sparsegpt24": "sparsegpt",
     "bnb_int8": "bnb", "bnb_nf4": "bnb",
 }
@@ -76,7 +78,7 @@ def build_algorithm(method: Mapping, ratio: float | None = None) -> LayerAlgorit
     if cls is QuantizedLowRank and method.get("heal"):
         raise ValueError(f"method {method.get('name')!r}: heal trains float factors, factor_bits stores them as "
                          "integers before it; use one of the two")
-    known = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("ratio", "spectra")]
+    known = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("ratio", "spectra", "ranks")]
     unknown = sorted(set(settings) - set(known))
     if unknown:
         raise ValueError(f"method {method.get('name')!r} ({algorithm}) has no setting {unknown}; its settings: {known}")
@@ -107,4 +109,7 @@ def model_tag(method: Mapping, ratio: float | None) -> str:
 def compress_with(model: nn.Module, batches: list[dict], method: Mapping, ratio: float | None = None, *,
                   progress: bool = True) -> dict:
     """Compress ``model`` in place with the method's algorithm; the report of ``compress_layers``."""
-    return compress_layers(model, batches, build_algorithm(method, ratio), progress=progress)
+    algorithm = build_algorithm(method, ratio)
+    if isinstance(algorithm, LowRank):
+        algorithm.allocate(model, batches)  # allocation=loss: ranks from the dense model; uniform: nothing
+    return compress_layers(model, batches, algorithm, progress=progress)

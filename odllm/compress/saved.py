@@ -90,15 +90,24 @@ def read_compression_config(directory: Path, fix: str) -> dict[str, dict]:
         specs[name] = spec
     return specs
 
+def saved_dtype(config) -> torch.dtype:
+    """The dtype a saved model's config.json names (``dtype``, formerly ``torch_dtype``); float32 when none."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def load_compressed(directory: str | Path) -> nn.Module:
-    """The model saved in ``directory``: compressed modules where compression.json says, else a plain HF model."""
+    """The model saved in ``directory``: compressed modules where compression.json says, else a plain HF model.
+    Built in the dtype config.json names, so the modules that keep dense weights (norms, embeddings, factors)
+    load in the dtype they were saved in."""
     directory = Path(directory)
     if not (directory / COMPRESSION_FILE).exists():
         return load_hf_model(directory)
     fix = rewrite_hint(directory)
     entries = read_compression_config(directory, fix)
     with reading(directory / "config.json", fix):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=torch.float32)
+        config = AutoConfig.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype(config))
     # parents are rebuilt before modules nested in them
     for name, spec in sorted(entries.items(), key=lambda item: item[0].count(".")):
         try:
@@ -131,6 +140,6 @@ def load_compressed(directory: str | Path) -> nn.Module:
     return model.eval()
 
 
-def load_recommender(directory: str | Path) -> Recommender:
-    """The recommender saved in ``directory`` by train.py (dense) or compress.py (compressed)."""
-    return Recommender.load(directory, load_model=load_compressed)
+def load_recommender(directory: str | Path, device: torch.device | str | None = None) -> Recommender:
+    """The recommender saved in ``directory`` by train.py (dense) or compress.py (compressed), on ``device``."""
+    return Recommender.load(directory, load_model=load_compressed, device=device)

@@ -1,12 +1,13 @@
 """Pruned weights stored sparse: the kept values plus a one-bit-per-weight mask.
 
-An m x n matrix with nnz kept weights holds ``nnz`` float32 values (row-major) and an m x ceil(n/8) byte mask:
-4 nnz + mn/8 bytes, i.e. 53 % of float32 at 50 % sparsity. For 2:4 sparsity this costs the same as the usual
-compressed format (two 2-bit indices per group of four = 4 bits per 4 weights) and needs no second layout.
+An m x n matrix with nnz kept weights holds ``nnz`` values in the model's dtype (row-major) and an
+m x ceil(n/8) byte mask: for a float32 model 4 nnz + mn/8 bytes, i.e. 53 % of float32 at 50 % sparsity. For 2:4
+sparsity this costs the same as the usual compressed format (two 2-bit indices per group of four = 4 bits per 4
+weights) and needs no second layout.
 
 The storage is real (the bytes on disk and in memory are those), the compute is not sparse: ``forward``
-scatters the values into a temporary dense float32 matrix and multiplies densely, so pruning saves memory and
-disk here, not time. Tables label it "sparse storage, dense compute".
+scatters the values into a temporary dense matrix (in the values' dtype) and multiplies densely, so pruning saves
+memory and disk here, not time. Tables label it "sparse storage, dense compute".
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from odllm.compress.quant import pack_bits, unpack_bits
 
-STORAGE_NOTE = "sparse storage (float32 values + 1-bit mask), dense compute"
+STORAGE_NOTE = "sparse storage (values in the model's dtype + 1-bit mask), dense compute"
 
 
 class SparseLinear(nn.Module):
@@ -25,22 +26,23 @@ class SparseLinear(nn.Module):
 
     kind = "sparse"
 
-    def __init__(self, in_features: int, out_features: int, nnz: int, bias: bool = False, pattern: str = "") -> None:
+    def __init__(self, in_features: int, out_features: int, nnz: int, bias: bool = False, pattern: str = "",
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.pattern = in_features, out_features, pattern
-        self.register_buffer("values", torch.zeros(nnz))
+        self.register_buffer("values", torch.zeros(nnz, dtype=dtype))  # the dense weight's dtype
         self.register_buffer("mask", torch.zeros(out_features, -(-in_features // 8), dtype=torch.uint8))
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @classmethod
     def from_dense(
         cls, weight: torch.Tensor, kept: torch.Tensor, bias: torch.Tensor | None = None, pattern: str = ""
     ) -> SparseLinear:
-        """The module holding ``weight[kept]``; weights outside ``kept`` are dropped, whatever their value."""
+        """The module holding ``weight[kept]`` in ``weight``'s dtype; weights outside ``kept`` are dropped."""
         m, n = weight.shape
-        module = cls(n, m, int(kept.sum()), bias is not None, pattern)
+        module = cls(n, m, int(kept.sum()), bias is not None, pattern, dtype=weight.dtype)
         with torch.no_grad():
-            module.values.copy_(weight[kept].float())
+            module.values.copy_(weight[kept])
             module.mask.copy_(pack_bits(kept))
             if bias is not None:
                 module.bias.copy_(bias)
@@ -49,7 +51,7 @@ class SparseLinear(nn.Module):
     @classmethod
     def empty(cls, linear: nn.Linear, spec: dict) -> SparseLinear:
         return cls(linear.in_features, linear.out_features, spec["nnz"], linear.bias is not None,
-                   spec.get("pattern", ""))
+                   spec.get("pattern", ""), dtype=linear.weight.dtype)
 
     @property
     def nnz(self) -> int:
@@ -62,7 +64,7 @@ class SparseLinear(nn.Module):
         return unpack_bits(self.mask, self.in_features)
 
     def dense_weight(self) -> torch.Tensor:
-        weight = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype)
+        weight = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
         return weight.masked_scatter_(self.kept(), self.values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -59,9 +59,9 @@ def sparsegpt_prune(
     """SparseGPT of ``W [m, n]`` against ``H [n, n]`` (float64): unstructured at ``sparsity``, or n:m."""
     W = W.double().clone()
     rows, cols = W.shape
-    U, dead, damp_used = inverse_hessian_factor(H.double(), W, damp)
-    pruned = torch.zeros(rows, cols, dtype=torch.bool)
-    losses = torch.zeros(rows, dtype=torch.float64)
+    U, dead, damp_used = inverse_hessian_factor(H.to(W.device, torch.float64), W, damp)
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    losses = torch.zeros(rows, dtype=torch.float64, device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = W[:, i1:i2].clone()

@@ -18,17 +18,25 @@ class Sample:
     labels: list[int]
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``[B, T]``, padded on the left, on ``device`` (that of the model they meet;
+    None = the CPU). Built on the CPU and moved in one copy per tensor, not one per row."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
         ids[row, width - len(p) :] = torch.tensor(p)
         mask[row, width - len(p) :] = 1
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
     return ids, mask
 
 
-def collate_right(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_right(
+    samples: Sequence[Sample], pad_id: int, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
@@ -38,7 +46,8 @@ def collate_right(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Ten
         ids[row, :n] = torch.tensor(s.input_ids)
         labels[row, :n] = torch.tensor(s.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return batch if device is None else {k: v.to(device) for k, v in batch.items()}
 
 
 class LengthGroupedBatches(Sampler[list[int]]):

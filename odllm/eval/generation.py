@@ -46,19 +46,21 @@ class ItemTrie:
         return tokens
 
     def mask(self, prefixes: torch.Tensor) -> torch.Tensor:
-        """Additive mask (0 allowed, -inf not) for a batch of prefixes ``[rows, t]``."""
+        """Additive mask (0 allowed, -inf not) for a batch of prefixes ``[rows, t]``, on their device."""
         mask = torch.full((prefixes.shape[0], self.vocab_size), float("-inf"))
         for row, prefix in enumerate(prefixes.tolist()):
             mask[row, self.allowed(prefix)] = 0.0
-        return mask
+        return mask.to(prefixes.device)
 
     def candidates(self, prefixes: torch.Tensor, min_columns: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """The allowed next tokens of each prefix ``[rows, t]``, padded to a common width of at least
-        ``min_columns``: token ids ``[rows, C]`` (ascending; padding holds token 0) and which are real."""
+        ``min_columns``: token ids ``[rows, C]`` (ascending; padding holds token 0) and which are real, on the
+        prefixes' device (the trie's tensors stay on the CPU: the prefixes are read there anyway, by ``tolist``)."""
         allowed = [self.allowed(prefix) for prefix in prefixes.tolist()]
         ids = torch.nn.utils.rnn.pad_sequence(allowed, batch_first=True, padding_value=-1)
         if ids.shape[1] < min_columns:
             ids = torch.nn.functional.pad(ids, (0, min_columns - ids.shape[1]), value=-1)
+        ids = ids.to(prefixes.device)
         valid = ids >= 0
         return ids.clamp_(min=0), valid
 
@@ -72,12 +74,12 @@ def beam_mask(prompt_mask: torch.Tensor, num_beams: int, past: int, dtype: torch
     tokens; a beam's new token sees the prompt, its own earlier tokens and itself.
     """
     batch = prompt_mask.shape[0]
-    eye = torch.eye(num_beams, dtype=torch.bool)
+    eye = torch.eye(num_beams, dtype=torch.bool, device=prompt_mask.device)
     own = torch.cat([eye.repeat_interleave(past, dim=1), eye], dim=1)  # [W, W*past + W]
     allowed = torch.cat(
         [prompt_mask.bool()[:, None, :].expand(batch, num_beams, -1), own.expand(batch, -1, -1)], dim=-1
     )
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
 
 
@@ -88,11 +90,10 @@ def reorder_beam_cache(cache, prompt_len: int, parent: torch.Tensor, past: int) 
     tensor: position index = the prompt, then per beam its parent's ``past`` tokens and the parent's new token.
     """
     batch, width = parent.shape
-    earlier = prompt_len + parent[..., None] * past + torch.arange(past)  # [B, W, past]
+    earlier = prompt_len + parent[..., None] * past + torch.arange(past, device=parent.device)  # [B, W, past]
     newest = prompt_len + width * past + parent[..., None]  # [B, W, 1]
-    index = torch.cat(
-        [torch.arange(prompt_len).expand(batch, -1), torch.cat([earlier, newest], dim=-1).reshape(batch, -1)], dim=1
-    )
+    prompt = torch.arange(prompt_len, device=parent.device).expand(batch, -1)
+    index = torch.cat([prompt, torch.cat([earlier, newest], dim=-1).reshape(batch, -1)], dim=1)
     for layer in cache.layers:
         for name in ("keys", "values"):
             states = getattr(layer, name)
@@ -131,8 +132,9 @@ def beam_search(
     When fewer than ``num_beams`` codes exist, the surplus beams have score -inf and are not items.
     The prompt's key/value cache is computed once per user and shared by all its beams (a block mask keeps
     beams apart), so each code level costs one token per beam and no prompt state is ever copied per beam.
+    Every tensor is made on the model's device; the attention mask is in the model's dtype.
     """
-    ids, attn = left_pad(prompts, pad_id)
+    ids, attn = left_pad(prompts, pad_id, model_device(model))
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1)
     logp = torch.log_softmax(out.logits[:, -1:].float(), dim=-1)  # [B, 1, V]: one "beam", the empty code
@@ -153,6 +155,15 @@ def beam_search(
         if past + 2 < trie.depth:
             reorder_beam_cache(cache, prompt_len, parent, past)
     return codes, scores
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s weights live (its first parameter's device): inputs are made there."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
 
 
 def ranked_codes(codes: torch.Tensor, scores: torch.Tensor) -> list[list[tuple[int, ...]]]:

@@ -7,7 +7,9 @@ most-popular-items ranking on the same split is reported beside it as a floor.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ from odllm.data.batches import left_pad
 from odllm.data.dataset import Example, Split
 from odllm.data.items import ItemCodes
 from odllm.data.prompts import SeqRecEncoder
-from odllm.eval.generation import ItemTrie, recommend
+from odllm.eval.generation import ItemTrie, model_device, recommend
 from odllm.eval.metrics import ranking_metrics
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,16 @@ class EvalSettings:
     ks: tuple[int, ...] = (1, 5, 10)
     template: int = 0  # prompt template index
     progress: bool = True
+    test_users: int | None = None  # a seeded random subset of this many test users (None = all): sample_test_users
+
+
+def sample_test_users(split: Split, users: int | None, seed: int) -> tuple[Split, str]:
+    """``split`` with ``users`` test users drawn with ``seed`` (all when None or not fewer than there are), and a
+    note saying which. The draw is the compression benchmark's (``bench.test_users``), so both pick the same users."""
+    if users is None or users >= len(split.test):
+        return split, "all test users"
+    note = f"a random subset of the {len(split.test)} test users (seed {seed})"
+    return dataclasses.replace(split, test=random.Random(seed).sample(split.test, users)), note
 
 
 def score_examples(
@@ -79,7 +91,8 @@ def fidelity(
 
     ``kl``: mean KL(dense || compressed) of the next-token distributions at the positions that predict the
     target's code tokens (teacher-forced); ``top10_overlap``: mean share of the dense model's top-10
-    recommended items that the compressed model also recommends.
+    recommended items that the compressed model also recommends. Each model gets its inputs on its own device;
+    the log-probabilities meet in float32 on the dense model's device.
     """
     dense.eval()
     compressed.eval()
@@ -89,10 +102,11 @@ def fidelity(
         chunk = examples[start : start + batch_size]
         ids, mask = left_pad([encoder.prompt(e.history, template) + encoder.item(e.target) for e in chunk], pad_id)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logp = [
-            torch.log_softmax(m(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -depth - 1 : -1], -1)
-            for m in (dense, compressed)
-        ]
+        logp = []
+        for m in (dense, compressed):
+            device = model_device(m)
+            logits = m(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)).logits
+            logp.append(torch.log_softmax(logits[:, -depth - 1 : -1].float(), -1).to(model_device(dense)))
         total_kl += (logp[0].exp() * (logp[0] - logp[1])).sum().item()
         positions += logp[0].shape[0] * depth
     overlap = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import resource
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from odllm.data.items import ItemCodes
+from odllm.eval.generation import model_device
 from odllm.model.tokenizer import add_item_tokens, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,9 @@ class BackboneSpec:
 
     source: str = "scratch"  # scratch (a LLaMA from ``config``) or hf (a local checkpoint at ``path``)
     path: str | None = None
+    # hf: the dtype the checkpoint is loaded in for training. float32 (default) keeps float32 master weights for
+    # mixed precision (trainer.precision=bf16-mixed); "auto" keeps the checkpoint's own (bf16 base under LoRA)
+    dtype: str = "float32"
     finetune: str = "full"  # full or lora
     tokenizer_vocab: int = 1024  # scratch: BPE vocabulary trained on the prompts
     config: dict = field(default_factory=dict)  # scratch: LlamaConfig fields
@@ -61,7 +66,7 @@ def build_model(spec: BackboneSpec, item_codes: ItemCodes, corpus: Iterable[str]
                 "(a folder with config.json, weights and tokenizer files); nothing is downloaded"
             )
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=training_dtype(spec.dtype))
         added = add_item_tokens(tokenizer, item_codes.tokens())
         model.resize_token_embeddings(len(tokenizer))
         log.info("added %d item tokens to %s (vocabulary now %d)", added, path, len(tokenizer))
@@ -73,6 +78,28 @@ def build_model(spec: BackboneSpec, item_codes: ItemCodes, corpus: Iterable[str]
     elif spec.finetune != "full":
         raise ValueError(f"unknown model.finetune {spec.finetune!r}; choose 'full' or 'lora'")
     return model, tokenizer
+
+
+TRAINING_DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def training_dtype(name: str) -> torch.dtype | str:
+    """``model.dtype`` as transformers takes it: a torch dtype, or "auto" (the checkpoint's config.json)."""
+    if name not in TRAINING_DTYPES:
+        raise ValueError(f"model.dtype={name!r}; choose one of {TRAINING_DTYPES}")
+    return name if name == "auto" else getattr(torch, name)
+
+
+def memory_summary(model: torch.nn.Module) -> dict:
+    """Where ``model`` ran, its dtype and the process's peaks: GPU memory (``torch.cuda.max_memory_allocated``)
+    on CUDA, and peak resident memory (RSS; Linux reports it in KiB) everywhere, for metrics.json."""
+    device = model_device(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    out = {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    if device.type == "cuda":
+        out["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
 
 
 def apply_lora(model, lora: Mapping):

@@ -62,7 +62,8 @@ class SeqRecModule(L.LightningModule):
         codes, scores = beam_search(self.model, prompts, self.trie, self.num_beams, self.pad_id)
         ranked = ranked_codes(codes, scores)
         ranks = [rank_of(self.encoder.item(e.target), r) for e, r in zip(batch, ranked, strict=True)]
-        self.val_metrics.update(torch.tensor(ranks, dtype=torch.long))
+        # beam_search makes its inputs on the model's device; the counts live there too (NCCL sums device tensors)
+        self.val_metrics.update(torch.tensor(ranks, dtype=torch.long, device=self.val_metrics.counts.device))
 
     def on_validation_epoch_end(self) -> None:
         summary = self.val_metrics.compute()  # every process's users: torchmetrics sums the counts first

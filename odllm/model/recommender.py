@@ -110,11 +110,12 @@ def check_dataset(meta: dict, model_dir: Path, dataset: str, allow_other_dataset
 
 
 def load_hf_model(directory: Path) -> torch.nn.Module:
-    """The plain Hugging Face model saved in ``directory``; weights missing from its files are an error (never
-    the random initialisation that transformers falls back to)."""
+    """The plain Hugging Face model saved in ``directory``, in the dtype its config.json names (``dtype="auto"``:
+    a bf16 checkpoint stays bf16; the small default model is float32); weights missing from its files are an
+    error (never the random initialisation that transformers falls back to)."""
     if (directory / COMPRESSION_FILE).exists():
         raise ValueError(f"{directory} holds a compressed model: load it with odllm.compress.saved.load_recommender")
-    model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(directory, dtype="auto", output_loading_info=True)
     missing = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
     if missing:  # e.g. a compressed model whose compression.json is lost: its factors are not the dense weights
         raise SavedModelError(
@@ -165,9 +166,11 @@ class Recommender:
         return write_directory_atomically(directory, write)
 
     @classmethod
-    def load(cls, directory: str | Path, load_model: Callable[[Path], torch.nn.Module] = load_hf_model) -> Recommender:
+    def load(cls, directory: str | Path, load_model: Callable[[Path], torch.nn.Module] = load_hf_model,
+             device: torch.device | str | None = None) -> Recommender:
         """The recommender saved in ``directory``; ``load_model`` builds its model (compressed models need
-        ``odllm.compress.saved.load_recommender``, which passes the loader that rebuilds compressed modules)."""
+        ``odllm.compress.saved.load_recommender``, which passes the loader that rebuilds compressed modules).
+        The model keeps its saved dtype and is moved to ``device`` (None: stays on the CPU)."""
         directory = Path(directory)
         unverified = recover_directory(directory)  # a save that a kill interrupted is finished or undone first
         if not (directory / "config.json").exists() and directory.is_dir() and any(directory.iterdir()):
@@ -188,6 +191,8 @@ class Recommender:
             load_hf_model(directory)  # its error: load a compressed model with load_recommender
         with reading(directory / (COMPRESSION_FILE if compressed else "config.json"), fix):
             model = load_model(directory)
+        if device is not None:
+            model.to(device)
         model.eval()
         with reading(directory / "tokenizer.json", fix):
             tokenizer = AutoTokenizer.from_pretrained(directory)

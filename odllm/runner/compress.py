@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import lightning as L
@@ -10,6 +11,7 @@ from omegaconf import DictConfig
 from odllm import config
 from odllm.compress.pipeline import compress_recommender, load_dense
 from odllm.compress.registry import build_algorithm
+from odllm.eval.protocol import sample_test_users
 from odllm.runner.loggers import log_results, run_logger
 
 
@@ -19,8 +21,11 @@ def compress(cfg: DictConfig, output_dir: str | Path) -> dict:
     build_algorithm(method, cfg.ratio)  # bad settings, or a bad ratio for a low-rank method, fail before any work
     L.seed_everything(cfg.seed)
     dense, split = load_dense(config.model_dir(cfg), config.dataset_source(cfg), cfg.task.max_history,
-                              allow_other_dataset=cfg.allow_other_dataset)
+                              allow_other_dataset=cfg.allow_other_dataset, device=config.device(cfg))
+    job = config.compression_job(cfg)
+    split, note = sample_test_users(split, job.eval.test_users, cfg.seed)  # eval.test_users: a seeded subset, or all
+    job = dataclasses.replace(job, test_users_note=note)
     with run_logger(cfg, output_dir, "compress") as logger:
-        payload = compress_recommender(dense, split, method, config.compression_job(cfg), Path(output_dir))
+        payload = compress_recommender(dense, split, method, job, Path(output_dir))
         log_results(logger, payload, Path(output_dir))  # W&B also gets compression_report.json and the plots
     return payload

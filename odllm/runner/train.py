@@ -24,9 +24,9 @@ from odllm.data.datamodule import SeqRecDataModule
 from odllm.data.dataset import leave_one_out, load_dataset
 from odllm.data.prompts import ItemTextEncoder, SeqRecEncoder, tokenizer_corpus
 from odllm.eval.metrics import format_metrics
-from odllm.eval.protocol import popularity_baseline, public, score_examples
+from odllm.eval.protocol import popularity_baseline, public, sample_test_users, score_examples
 from odllm.files import write_json
-from odllm.model.backbone import add_dropout, build_model, merge, parameter_summary
+from odllm.model.backbone import add_dropout, build_model, memory_summary, merge, parameter_summary
 from odllm.model.module import SeqRecModule
 from odllm.model.recommender import Recommender
 from odllm.runner.loggers import log_results, run_logger, sweep_job
@@ -117,14 +117,14 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
         # epoch are judged on the weights that are kept
         callbacks.append(EMAWeightAveraging(decay=cfg.train.ema_decay))
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        # deterministic=True unless the trainer config says otherwise (trainer=gpu: "warn", see conf/trainer/gpu.yaml)
+        **{"deterministic": True, **OmegaConf.to_container(cfg.trainer, resolve=True)},
         callbacks=callbacks,
         logger=logger or False,
         use_distributed_sampler=False,  # the datamodule shards batches itself, with no padded duplicates
         default_root_dir=output_dir,
         reload_dataloaders_every_n_epochs=1,
         num_sanity_val_steps=0,
-        deterministic=True,
     )
     if trainer.world_size > 1 and sweep_job() is not None:
         raise ValueError(
@@ -140,7 +140,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
 
     best = checkpoint.best_model_path or checkpoint.last_model_path
     module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
-    model = merge(module.model)
+    model = merge(module.model).to(trainer.strategy.root_device)  # Lightning hands the model back on the CPU
     meta = {
         "dataset": cfg.dataset.name,
         "item_tokens": item_codes.kind,
@@ -152,6 +152,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
     model_dir = recommender.save(config.model_dir(cfg))
     log.info("saved the trained model to %s", model_dir)
 
+    split, test_note = sample_test_users(split, config.eval_settings(cfg).test_users, cfg.seed)  # eval.test_users
     test = score_examples(model, encoder, trie, split.test, config.eval_settings(cfg), tokenizer.pad_token_id)
     payload = {
         "dataset": cfg.dataset.name,
@@ -162,8 +163,11 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
         "train_seconds": round(fit_seconds, 1),
         "best_valid_ndcg@10": meta["best_valid_ndcg@10"],
         "valid_users": len(valid),
+        "test_users": len(split.test),
+        "test_users_note": test_note,
         "test": public(test),
         "popularity": popularity_baseline(split, encoder, split.test, cfg.eval.ks),
+        "resources": memory_summary(model),
         "versions": package_versions(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
