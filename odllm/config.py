@@ -33,6 +33,7 @@ from odllm.data.prompts import SEQREC_TEMPLATES
 from odllm.eval.protocol import EvalSettings
 from odllm.model.artifacts import dense_model_dir
 from odllm.model.backbone import TRAINING_DTYPES, BackboneSpec
+from odllm.model.sasrec import check_not_sasrec
 
 CONF_DIR = Path(__file__).parents[1] / "conf"  # the repository's Hydra configs
 
@@ -141,6 +142,7 @@ def check_train(cfg: DictConfig) -> None:
 
 def check_compress(cfg: DictConfig) -> None:
     """compress.py: every key the compression run reads, before the dense model is loaded."""
+    check_not_sasrec(cfg.model.get("kind"), "compress.py")
     check_seed(cfg)
     check_dataset(cfg)
     integer(cfg, "task.window_stride", 1, 10, optional=True)
@@ -156,6 +158,7 @@ def check_compress(cfg: DictConfig) -> None:
 
 def check_evaluate(cfg: DictConfig) -> None:
     """evaluate.py: the keys the evaluation reads, before the model is loaded."""
+    check_not_sasrec(cfg.model.get("kind"), "evaluate.py")
     check_dataset(cfg)
     check_eval(cfg)
     check_logger(cfg)

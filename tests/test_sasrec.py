@@ -96,3 +96,13 @@ def test_train_py_model_sasrec_writes_metrics(tmp_path, one_thread):
     assert not (tmp_path / "models").exists()  # never where compress.py / evaluate.py look for LLMs
     with pytest.raises(ValueError, match="LLM recommender"):
         train(compose_config([*overrides, "model=sasrec", "compress=odllm"]), tmp_path / "run2")
+
+
+def test_compress_and_evaluate_refuse_a_sasrec_config_before_any_work(tmp_path):
+    from odllm import config
+
+    for check, job in ((config.check_compress, "compress.py"), (config.check_evaluate, "evaluate.py")):
+        overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith("model.")]
+        cfg = compose_config([*overrides, "model=sasrec"])
+        with pytest.raises(ValueError, match=f"{job} works on LLM recommenders"):
+            check(cfg)

@@ -37,7 +37,7 @@ RUN_KEYS = ("method", "ratio", "storage", "sizes", "test", "fidelity", "compress
 
 def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
     dense, split = load_dense(config.model_dir(cfg), config.dataset_source(cfg), cfg.task.max_history,
-                              allow_other_dataset=cfg.allow_other_dataset)
+                              allow_other_dataset=cfg.allow_other_dataset, device=config.device(cfg))
     users, note = cfg.bench.test_users, "all test users"
     if users is not None and users < len(split.test):  # a seeded subset: a sweep at a fraction of the cost
         note = f"a random subset of the {len(split.test)} test users (seed {cfg.seed})"

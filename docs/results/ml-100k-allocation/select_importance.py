@@ -1,6 +1,7 @@
 """Which ``importance`` weighting to keep: KL to dense on the ml-100k *validation* users (test users untouched).
 
-    OMP_NUM_THREADS=1 python docs/results/ml-100k-allocation/select_importance.py <dense model dir> <ratio> [...]
+    OMP_NUM_THREADS=1 [VARIANTS=alloc-kl,alloc-energy] python docs/results/ml-100k-allocation/select_importance.py \
+        <dense model dir> <ratio> [...]
 
 Compresses with odllm (uniform) and odllm_alloc at each importance with the calibration prompts compress.py uses
 (seed 42, 1024 item-token prompts), then scores the teacher-forced KL(dense || compressed) at the positions that
@@ -9,6 +10,7 @@ predict the valid target's code tokens (the fidelity KL of metrics.json, on the 
 
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,8 +21,6 @@ from odllm.compress.registry import build_algorithm
 from odllm.data.dataset import DatasetSource
 from odllm.eval.protocol import fidelity
 
-import os
-
 source = DatasetSource(name="ml-100k", format="atomic", dir=os.path.join(os.environ["ODLLM_DATA_DIR"], "ml-100k"))
 dense, split = load_dense(Path(sys.argv[1]), source, 50)
 batches = calibration_batches(dense.encoder, split, Calibration(), max_history=50, seed=42,
@@ -30,6 +30,8 @@ variants = {"uniform": {"name": "odllm", **base}} | {
     f"alloc-{imp}": {"name": "odllm_alloc", **base, "allocation": "loss", "importance": imp}
     for imp in ("kl", "energy", "none")
 }
+if os.environ.get("VARIANTS"):  # e.g. VARIANTS=alloc-kl,alloc-energy
+    variants = {k: v for k, v in variants.items() if k in os.environ["VARIANTS"].split(",")}
 rows = []
 for ratio in map(float, sys.argv[2:]):
     for label, method in variants.items():
