@@ -75,6 +75,7 @@ def refit_group(
         results[name] = {"error_before": before / scale, "error_refit": after / scale, "refit_kept": after < before}
     return results
 
+
 def align_layer(
     original, layer, factorised: dict, groups, entries: dict, streams: Streams, ridge: float, factors: str
 ) -> dict:

@@ -54,6 +54,7 @@ def _load_bias(module: nn.Module, state_dict: dict, prefix: str, missing: list) 
             return
         module.bias = nn.Parameter(state_dict[prefix + "bias"].clone(), requires_grad=False)
 
+
 class _DropCastNotice(logging.Filter):
     """bitsandbytes logs the float32 -> float16 input cast at every int8 forward; it is documented above."""
 

@@ -59,9 +59,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
                         f"{', '.join(PROJECTIONS)}); layers of other modules (GPT-2's Conv1D) are not supported")
     return layers
 
+
 def forward_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = layer(x, **kwargs)
     return out[0] if isinstance(out, tuple) else out  # transformers < 5 returned a tuple
+
 
 def layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[dict]) -> tuple[list, list[dict]]:
     """Hidden states and keyword arguments (mask, rotary embeddings, positions) layer 0 gets per batch."""
@@ -86,6 +88,7 @@ def layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[dict]) -
         handle.remove()
     return hidden, kwargs
 
+
 @dataclass
 class Streams:
     """Per calibration batch: the original stream X, the compressed stream X' (hidden states entering the
@@ -98,6 +101,7 @@ class Streams:
 
     def __iter__(self):
         return zip(self.X, self.Xc, self.kwargs, self.masks, strict=True)
+
 
 def compare_layers(
     original, layer, streams: Streams, *, advance_original: bool = False, advance_compressed: bool = False
@@ -115,6 +119,7 @@ def compare_layers(
         if advance_compressed:
             streams.Xc[b] = yc
     return error / reference
+
 
 class LayerAlgorithm(Protocol):
     """What :func:`compress_layers` asks of a method.
@@ -137,6 +142,7 @@ class LayerAlgorithm(Protocol):
     def refine(self, original, layer, replaced: dict, groups: list, entries: dict, streams: Streams) -> dict | None:
         ...
 
+
 def _entry(name: str, linear: nn.Linear, module: nn.Module | None, found: dict) -> dict:
     """A matrix's report entry: the algorithm's own fields plus name, shape, numbers and bytes before/after."""
     before, after = storage([linear]), storage([module if module is not None else linear])
@@ -144,6 +150,7 @@ def _entry(name: str, linear: nn.Linear, module: nn.Module | None, found: dict) 
     entry.update(params_before=before["params"], params_after=after["params"], bytes_before=before["bytes"],
                  bytes_after=after["bytes"])
     return entry
+
 
 @torch.no_grad()
 def compress_layers(

@@ -88,16 +88,19 @@ def calibration_batches(
         batches.append(batch)
     return batches
 
+
 def compressed_model_dir(models_dir: str | Path, dataset: str, method: str | Mapping, ratio: float | None) -> Path:
     """``<models_dir>/<dataset>-<method>-<tag>``: the tag is r<ratio> for low-rank methods (a plain method
     name means one), the method's own settings otherwise (w4g128, s0.5, 2of4; none for bnb)."""
     name, tag = (method, f"r{ratio:g}") if isinstance(method, str) else (method["name"], model_tag(method, ratio))
     return Path(models_dir) / "-".join(part for part in (dataset, name, tag) if part)
 
+
 def _safetensors_bytes(directory: str | Path | None) -> int | None:
     """Bytes of the weight files in a saved model directory (None when there is none)."""
     files = list(Path(directory).glob("*.safetensors")) if directory else []
     return sum(f.stat().st_size for f in files) if files else None
+
 
 def compress_recommender(
     dense: Recommender, split: Split, method: Mapping, job: CompressionJob, output_dir: Path,
@@ -197,6 +200,7 @@ def compress_recommender(
     log.info("%-11s %s", method["name"], format_metrics(result["metrics"]))
     log.info("KL to dense %.4f, top-10 overlap %.3f", close["kl"], close["top10_overlap"])
     return payload
+
 
 def load_dense(
     model_dir: Path, source: DatasetSource, max_history: int, allow_other_dataset: bool = False,

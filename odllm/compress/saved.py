@@ -29,6 +29,7 @@ def compression_specs(model: nn.Module) -> dict[str, dict]:
     """Every compressed module's spec (its kind and what rebuilding its shapes needs), keyed by module name."""
     return {name: m.spec() for name, m in model.named_modules() if is_compressed(m)}
 
+
 def save_compression_config(model: nn.Module, directory: str | Path) -> Path:
     """Writes ``compression.json``: per compressed module its spec; a low-rank module as its bare rank."""
     specs = {
@@ -40,6 +41,7 @@ def save_compression_config(model: nn.Module, directory: str | Path) -> Path:
 
 MODULE_KINDS = ("lowrank", "gptq", "rtn", "sparse", "bnb_int8", "bnb_nf4", "quant_embedding", "quant_head",
                 "tied_head")
+
 
 def module_class(kind: str) -> type:
     """The module class of a compression.json ``kind``; it rebuilds empty shapes with ``empty(linear, spec)``.
@@ -58,6 +60,7 @@ def module_class(kind: str) -> type:
         return Int8Linear if kind == "bnb_int8" else NF4Linear
     raise ValueError(f"{COMPRESSION_FILE} names an unknown module kind {kind!r}; known kinds: {list(MODULE_KINDS)}")
 
+
 def _read_safetensors(directory: Path, fix: str) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -72,6 +75,7 @@ def _read_safetensors(directory: Path, fix: str) -> dict[str, torch.Tensor]:
         with reading(directory / file, fix):
             state.update(load_file(directory / file))
     return state
+
 
 def read_compression_config(directory: Path, fix: str) -> dict[str, dict]:
     """``compression.json`` checked: module name -> spec with a known kind (a bare positive int: a rank)."""
@@ -89,6 +93,7 @@ def read_compression_config(directory: Path, fix: str) -> dict[str, dict]:
                                   f"of {list(MODULE_KINDS)}; {fix}")
         specs[name] = spec
     return specs
+
 
 def saved_dtype(config) -> torch.dtype:
     """The dtype a saved model's config.json names (``dtype``, formerly ``torch_dtype``); float32 when none."""

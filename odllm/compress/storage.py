@@ -11,6 +11,7 @@ def is_compressed(module: nn.Module) -> bool:
     """A module written by a compression method (it records its ``kind`` in compression.json)."""
     return hasattr(module, "kind") and callable(getattr(module, "spec", None))
 
+
 def storage(roots: Iterable[nn.Module]) -> dict:
     """Numbers represented and bytes really held by the modules under ``roots``; shared tensors count once.
 
@@ -43,6 +44,7 @@ def storage(roots: Iterable[nn.Module]) -> dict:
         visit(root)
     return total
 
+
 def _weight_modules(root: nn.Module) -> Iterator[nn.Module]:
     """The outermost linears and compressed modules under ``root``."""
     for child in root.children():
@@ -51,12 +53,14 @@ def _weight_modules(root: nn.Module) -> Iterator[nn.Module]:
         else:
             yield from _weight_modules(child)
 
+
 def sizes(model: nn.Module, layers: nn.ModuleList) -> dict:
     """Storage of the decoder layers' linears and of the whole model."""
     return {
         "decoder_linear": storage(_weight_modules(layers)),
         "model": storage([model]),
     }
+
 
 def totals(before: dict, after: dict) -> dict:
     """Per part, numbers and bytes before and after and the kept fractions."""

@@ -25,6 +25,7 @@ class DatasetStats:
     interactions: int
     dropped_users: int = 0  # users with fewer than ``min_interactions`` interactions
 
+
 @dataclass
 class Dataset:
     name: str
@@ -48,17 +49,20 @@ class Dataset:
             dropped_users=self.dropped_users,
         )
 
+
 @dataclass(frozen=True)
 class Example:
     user: str
     history: list[str]
     target: str
 
+
 @dataclass
 class Split:
     train: dict[str, list[str]]  # user -> items before the valid target
     valid: list[Example]
     test: list[Example]
+
 
 def leave_one_out(dataset: Dataset, max_history: int = 20) -> Split:
     """LC-Rec's split: test = last item, valid = second last, train = the rest; histories truncated."""
@@ -72,6 +76,7 @@ def leave_one_out(dataset: Dataset, max_history: int = 20) -> Split:
         valid.append(Example(user, seq[:-2][-max_history:], seq[-2]))
         test.append(Example(user, seq[:-1][-max_history:], seq[-1]))
     return Split(train, valid, test)
+
 
 @dataclass(frozen=True)
 class DatasetSource:
@@ -125,6 +130,7 @@ def load_dataset(source: DatasetSource) -> Dataset:
         name, s.users, s.items, s.interactions, s.dropped_users, min_interactions,
     )
     return dataset
+
 
 def drop_short(sequences: Mapping[str, list[str]], min_interactions: int) -> tuple[dict, int]:
     if min_interactions < 3:

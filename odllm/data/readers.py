@@ -16,6 +16,7 @@ from pathlib import Path
 class DataError(ValueError):
     """A data file is missing or malformed; the message names the file and the fix."""
 
+
 def _require(path: Path, origin: str) -> Path:
     if not path.is_file():
         raise DataError(f"{path} not found. {origin}")
@@ -24,6 +25,7 @@ def _require(path: Path, origin: str) -> Path:
 UTF8_FIX = (
     "re-save it as UTF-8 (a spreadsheet: 'CSV UTF-8'; a shell: iconv -f <its encoding> -t UTF-8 in > out)"
 )
+
 
 def read_text(path: Path) -> str:
     """The file as UTF-8 text, with or without a byte-order mark; anything else is a :class:`DataError` naming
@@ -40,8 +42,10 @@ def read_text(path: Path) -> str:
             f"{path} is not UTF-8 text: byte offset {e.start} (line {line}) starts {bad!r}; {UTF8_FIX}"
         ) from None
 
+
 def blank(value: object) -> bool:
     return isinstance(value, str) and not value.strip()
+
 
 def _json_no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     out = {}
@@ -50,6 +54,7 @@ def _json_no_duplicates(pairs: list[tuple[str, object]]) -> dict:
             raise DataError(f"duplicate key {key!r}")
         out[key] = value
     return out
+
 
 def read_json(path: Path) -> dict:
     try:
@@ -68,6 +73,7 @@ LCREC_ORIGIN = (
     "that holds <Name>/<Name>.inter.json."
 )
 
+
 def missing_index_fix(name: str) -> str:
     """The two ways on when a dataset ships no X.index.json."""
     return (
@@ -76,11 +82,13 @@ def missing_index_fix(name: str) -> str:
         "item: `dataset.item_tokens=atomic dataset.require_index=false`."
     )
 
+
 def _item_id(value: object, path: Path, where: str) -> str:
     """An item id of a JSON file: a string or an integer, not blank (true/false, floats and null are refused)."""
     if isinstance(value, bool) or not isinstance(value, int | str) or blank(value):
         raise DataError(f"{path}: {where} holds the item id {value!r}; item ids are non-blank strings or integers")
     return str(value)
+
 
 def read_lcrec(directory: Path, name: str, require_index: bool = True):
     """``X.inter.json`` (user -> item ids in time order), ``X.index.json`` (item -> tokens), ``X.item.json``."""
@@ -106,6 +114,7 @@ def read_lcrec(directory: Path, name: str, require_index: bool = True):
             text[_item_id(item, item_path, "a key")] = _item_text(meta)
     return sequences, index, text
 
+
 def read_index(path: Path) -> dict[str, list[str]]:
     """An LC-Rec-format item index ``{"item": ["<a_12>", "<b_3>", ...]}``: non-blank ids and tokens."""
     index = {}
@@ -116,6 +125,7 @@ def read_index(path: Path) -> dict[str, list[str]]:
                             f"(found {code!r}); rebuild the index")
         index[item] = code
     return index
+
 
 def _item_text(meta: object) -> str:
     if isinstance(meta, dict):
@@ -128,6 +138,7 @@ ATOMIC_ORIGIN = (
     "when dataset.fetch=true; or point paths.data_dir / ODLLM_DATA_DIR at a folder holding <name>/<name>.inter."
 )
 
+
 def _read_atomic_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header names (types cut off) and the (line, fields) of every non-empty row; tab separated, LF or CRLF."""
     rows = list(csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
@@ -139,6 +150,7 @@ def _read_atomic_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]
         if len(row) != len(header):
             raise DataError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)} (tab separated)")
     return header, body
+
 
 def read_atomic(directory: Path, name: str):
     """RecBole atomic files: ``<name>.inter`` and, optionally, ``<name>.item`` for item text."""
@@ -162,15 +174,18 @@ def read_atomic(directory: Path, name: str):
             text[item] = "; ".join(v for v in values if v)
     return order_events(events), text
 
+
 def _id(value: str, path: Path, line: int, column: str) -> str:
     value = value.strip()
     if not value:
         raise DataError(f"{path}, line {line}: the {column} cell is blank; fill it in or delete the line")
     return value
 
+
 def _event(user: str, item: str, ts: str, path: Path, line: int, columns=("user", "item")) -> tuple[str, str, float]:
     """One interaction, checked: non-blank user and item ids, a finite timestamp."""
     return _id(user, path, line, columns[0]), _id(item, path, line, columns[1]), _float(ts, path, line)
+
 
 def _float(value: str, path: Path, line: int) -> float:
     try:
@@ -180,6 +195,7 @@ def _float(value: str, path: Path, line: int) -> float:
     if not math.isfinite(number):  # a NaN key breaks the sort of the whole user; inf would always be the test target
         raise DataError(f"{path}, line {line}: timestamp {value!r} is not a finite number; fix or delete the line")
     return number
+
 
 def order_events(events: list[tuple[str, str, float]]) -> dict[str, list[str]]:
     """Per-user time order (stable for ties: file order); repeated user-item pairs keep the first."""
@@ -200,6 +216,7 @@ def order_events(events: list[tuple[str, str, float]]) -> dict[str, list[str]]:
 DELIMITERS = {",": "comma", "\t": "tab", ";": "semicolon"}
 CSV_COLUMNS = ("user", "item", "timestamp")
 
+
 def _csv_header(path: Path, first_line: str) -> tuple[str, list[str]]:
     """The delimiter (comma, tab or semicolon: the one whose header names user, item, timestamp) and the
     column names (stripped, lower case)."""
@@ -216,6 +233,7 @@ def _csv_header(path: Path, first_line: str) -> tuple[str, list[str]]:
         f"{path}: the header must name user, item, timestamp[, title], separated by commas, tabs or semicolons "
         f"(missing {missing}; the first line reads {first_line.strip()[:80]!r})"
     )
+
 
 def read_interactions_csv(path: Path):
     """A user's own file: header ``user,item,timestamp[,title]``, separated by commas, tabs or semicolons
