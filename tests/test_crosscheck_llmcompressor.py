@@ -9,7 +9,8 @@ wheels (``$LLMC_SRC``, default /tmp/llmc/src), past the package ``__init__``. No
     mkdir -p /tmp/llmc/src && for w in /tmp/llmc/wheels/*.whl; do python -m zipfile -e $w /tmp/llmc/src; done
     python -m pytest -q tests/test_crosscheck_llmcompressor.py
 
-Measured (2026-11-30): identical GPTQ codes and SparseGPT masks (100 %), max |difference| / max |W| <= 6e-7.
+Measured (2026-11-30): identical GPTQ codes (with and without act-order) and SparseGPT masks (100 %),
+max |difference| / max |W| <= 6e-7.
 """
 
 import os
@@ -62,16 +63,19 @@ def problem():
     return torch.randn(M, N).double() * 0.05, 2 * c / T, c
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize(("bits", "group"), [(4, -1), (4, 32), (8, -1), (8, 32)])
-def test_gptq_matches_llmcompressor(kernels, problem, bits, group):
+def test_gptq_matches_llmcompressor(kernels, problem, bits, group, act_order):
     QuantizationArgs, quantize_weight, _ = kernels
     w, h, c = problem
     ours = gptq_quantize(w, h, bits=bits, group_size=group, block_size=BLOCK, scale_dtype=torch.float32,
-                         static_groups=True)  # llm-compressor's observers fix every group's grid before the loop
+                         static_groups=True,  # llm-compressor's observers fix every group's grid before the loop
+                         act_order=act_order)
     g = N if group == -1 else group
-    # llm-compressor's asymmetric int range is signed, [-2^(b-1), 2^(b-1)): the same grid with the zero shifted
+    # llm-compressor's asymmetric int range is signed, [-2^(b-1), 2^(b-1)): the same grid with the zero shifted;
+    # actorder="weight": columns by decreasing diag(H), each keeping its own (static) group's grid
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="channel" if group == -1 else "group",
-                            group_size=None if group == -1 else group)
+                            group_size=None if group == -1 else group, actorder="weight" if act_order else None)
     q, _, fallback = quantize_weight(w.float()[None], h.float()[None], ours.scales.float()[None],
                                      (ours.zeros - 2 ** (bits - 1)).to(torch.int8)[None], None, args,
                                      blocksize=BLOCK, percdamp=0.01)

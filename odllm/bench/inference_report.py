@@ -52,6 +52,10 @@ def markdown_report(payload: dict) -> str:
             f"{r['disk_model']:.3f} / {r['disk_decoder_linear']:.3f}", f"{row['top10_overlap_with_dense']:.3f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if any("kernels:" in row["description"] for row in payload["rows"]):
+        lines += ["", "'kernels:' = the matmul each QuantLinear ran: int8pack_mm / int4pack_mm are torch's packed CPU "
+                  "kernels, dequantize rebuilds the float32 weight per forward (ODLLM_KERNELS, "
+                  "docs/inference-benchmark.md)."]
     simulated = [row["label"] for row in payload["rows"] if row["simulated"]]
     if simulated:
         lines += ["", f"SIMULATED compression (dense storage, no saving in bytes or time): {', '.join(simulated)}."]

@@ -11,10 +11,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from odllm.bench.fusion import FusedMember
 from odllm.compress.driver import decoder_layers
+from odllm.compress.quant import QuantLinear
 from odllm.compress.storage import is_compressed, storage
 
 
@@ -65,6 +67,12 @@ def disk_bytes(directory: Path, linear_names: list[str]) -> dict:
             "decoder_linear": {"bytes": sum(b for name, b in sizes.items() if name.startswith(prefixes))}}
 
 
+def kernels(model: nn.Module) -> dict[str, int]:
+    """How many QuantLinears (decoder, factors, int8 head) run each matmul kernel for the model's float dtype."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None) or torch.float32
+    return dict(Counter(m.planned_kernel(dtype) for m in model.modules() if isinstance(m, QuantLinear)))
+
+
 def describe_model(directory: Path, model: nn.Module) -> dict:
     """What a saved model is, from its own files and modules (nothing is assumed from its name).
 
@@ -90,8 +98,11 @@ def describe_model(directory: Path, model: nn.Module) -> dict:
         kind_text = ", ".join(f"{n}x {k}" for k, n in sorted(kinds.items())) or "no compressed modules"
         label = (f"{(compression or {}).get('method', '?')}{'' if ratio is None else f' r{ratio:g}'}: {kind_text}; "
                  f"decoder linears held as {storage}")
+        ran = kernels(model)
+        if ran:
+            label += "; kernels: " + ", ".join(f"{n}x {k}" for k, n in sorted(ran.items()))
         if simulated:
             label += "; SIMULATED: decoder linears are plain float linears (dense storage, no saving in bytes or time)"
     return {"compression": compression, "compression_kinds": dict(kinds),
             "decoder_linear_classes": dict(Counter(type(m).__name__ for m in linears)),
-            "decoder_linear_dtypes": held, "simulated": simulated, "label": label}
+            "decoder_linear_dtypes": held, "kernels": kernels(model), "simulated": simulated, "label": label}

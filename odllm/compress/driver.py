@@ -3,10 +3,11 @@
 :func:`compress_layers` works GPTQ-style, so memory holds one layer's statistics and two hidden-state streams,
 the original X and the compressed X': for each decoder layer it sums per-linear input statistics with hooks
 (:mod:`odllm.compress.statistics`) on the stream the algorithm asks for, lets the algorithm replace each
-linear, optionally lets it refine the layer on the compressed stream (:mod:`odllm.compress.align`), measures
-the layer's output error and advances both streams. The algorithms: ``LowRank`` (odllm, svd, svd_whiten,
-svd_align, asvd; :mod:`odllm.compress.lowrank_method`), ``GPTQ``, ``SparseGPT``, ``BitsAndBytes``;
-:mod:`odllm.compress.registry` maps a method config to one.
+linear (with ``true_sequential``, group by group: each group's statistics come from the layer in which the
+groups before it are already replaced), optionally lets it refine the layer on the compressed stream
+(:mod:`odllm.compress.align`), measures the layer's output error and advances both streams. The algorithms:
+``LowRank`` (odllm, svd, svd_whiten, svd_align, asvd; :mod:`odllm.compress.lowrank_method`), ``GPTQ``,
+``SparseGPT``, ``BitsAndBytes``; :mod:`odllm.compress.registry` maps a method config to one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from odllm.compress.statistics import InputCovariances, LinearStatistics, StopForward, real_tokens
+from odllm.compress.statistics import InputCovariances, LinearStatistics, StopForward, input_groups, real_tokens
 from odllm.compress.storage import is_compressed, sizes, storage, totals
 from odllm.eval.generation import model_device
 
@@ -125,7 +126,10 @@ class LayerAlgorithm(Protocol):
     """What :func:`compress_layers` asks of a method.
 
     ``statistics``: which stream the input statistics come from ("original", "compressed" or "none");
-    ``sequential``: whether each layer is measured on, and the next fed by, the compressed stream.
+    ``sequential``: whether each layer is measured on, and the next fed by, the compressed stream;
+    ``true_sequential`` (optional, default False): collect the statistics group by group ([q, k, v], [o],
+    [gate, up], [down]) on the layer with the earlier groups already replaced, as the reference GPTQ's
+    ``--true-sequential`` and llm-compressor; False: all of a layer's statistics in one pass over the dense layer.
     """
 
     statistics: str
@@ -150,6 +154,48 @@ def _entry(name: str, linear: nn.Linear, module: nn.Module | None, found: dict) 
     entry.update(params_before=before["params"], params_after=after["params"], bytes_before=before["bytes"],
                  bytes_after=after["bytes"])
     return entry
+
+
+def _stop(module: nn.Module, inputs: tuple) -> None:
+    raise StopForward
+
+
+def _collect(layer: nn.Module, modules: dict, source: list, streams: Streams, stop: nn.Module | None
+             ) -> InputCovariances:
+    """Input statistics of ``modules`` over every calibration batch of ``source`` through ``layer``; the forward
+    ends at ``stop`` (once its statistics are in) when given."""
+    with InputCovariances(modules) as stats:
+        handle = stop.register_forward_pre_hook(_stop) if stop is not None else None  # after the statistics hook
+        try:
+            for x, kw, mask in zip(source, streams.kwargs, streams.masks, strict=True):
+                stats.mask = mask
+                try:
+                    forward_layer(layer, x, kw)
+                except StopForward:
+                    pass
+        finally:
+            if handle is not None:
+                handle.remove()
+    return stats
+
+
+def _statistics_by_group(algorithm: LayerAlgorithm, original: nn.Module, layer: nn.Module, linears: dict,
+                         streams: Streams):
+    """Yield ``(names, stats)``: the whole layer's statistics from the dense copy at once, or with
+    ``true_sequential`` one group at a time from ``layer``, lazily, so that the caller replaces a group's linears
+    before the next group's statistics are collected. ``stats`` is None for ``statistics: none``."""
+    if algorithm.statistics == "none":
+        yield list(linears), None
+        return
+    source = streams.Xc if algorithm.statistics == "compressed" else streams.X
+    if not getattr(algorithm, "true_sequential", False):
+        yield list(linears), _collect(original, linears, source, streams, None)
+        return
+    groups = input_groups(original, source[0], streams.kwargs[0], linears)
+    for g, group in enumerate(groups):
+        modules = {name: layer.get_submodule(name) for name in group}
+        stop = modules[group[-1]] if g < len(groups) - 1 else None
+        yield group, _collect(layer, modules, source, streams, stop)
 
 
 @torch.no_grad()
@@ -189,30 +235,28 @@ def compress_layers(
     for i, layer in enumerate(tqdm(layers, desc="compress layers", disable=not progress)):
         original = copy.deepcopy(layer)
         linears = {name: m for name, m in original.named_modules() if isinstance(m, nn.Linear)}
-        stats = None
-        if algorithm.statistics != "none":
-            source = streams.Xc if algorithm.statistics == "compressed" else streams.X
-            with InputCovariances(linears) as stats:
-                for x, kw, mask in zip(source, streams.kwargs, streams.masks, strict=True):
-                    stats.mask = mask
-                    forward_layer(original, x, kw)
-
-        replaced, entries = {}, {}
-        for name, linear in linears.items():
-            full_name = f"{names[layer]}.{name}"
-            module, found = algorithm.compress_linear(full_name, linear, stats and stats.statistics(name))
-            entries[name] = _entry(full_name, linear, module, found)
-            if stats is not None:
-                entries[name]["tokens"] = stats.tokens[name]
-            if module is not None:
-                layer.set_submodule(name, module)
-                replaced[name] = module
+        replaced, entries, groups = {}, {}, []
+        for group, stats in _statistics_by_group(algorithm, original, layer, linears, streams):
+            groups += stats.groups if stats is not None else []
+            for name in group:
+                linear = linears[name]
+                full_name = f"{names[layer]}.{name}"
+                module, found = algorithm.compress_linear(full_name, linear, stats and stats.statistics(name))
+                entries[name] = _entry(full_name, linear, module, found)
+                if stats is not None:
+                    entries[name]["tokens"] = stats.tokens[name]
+                if module is not None:
+                    layer.set_submodule(name, module)
+                    replaced[name] = module
+        entries = {name: entries[name] for name in linears}  # the report in module order whatever the groups
         matrices += entries.values()
 
         report = {"layer": i, "input_stream": "compressed" if algorithm.sequential else "original"}
+        if getattr(algorithm, "true_sequential", False):
+            report["statistics_groups"] = groups
         refined = None
         if algorithm.sequential and replaced:
-            refined = algorithm.refine(original, layer, replaced, stats.groups if stats else [], entries, streams)
+            refined = algorithm.refine(original, layer, replaced, groups, entries, streams)
         if refined is not None:
             report.update(refined)
         else:

@@ -17,7 +17,12 @@ a group's grid is read from the block's updated columns, where the reference rea
 of W for groups starting inside a block (identical when ``group_size`` is a multiple of ``block_size``; on 20
 random 64 x 256 problems at 4 bits, group 16, the updated read gave 2.7 % lower output error on average).
 With ``static_groups`` (all grids from the original W) the result matches llm-compressor's GPTQ code for
-code (``tests/crosscheck_llmcompressor.py``).
+code (``tests/test_crosscheck_llmcompressor.py``).
+
+``act_order`` (the reference's ``--act-order``, llm-compressor's ``actorder="weight"``): columns are processed in
+order of decreasing H_jj, so the inputs with the most energy are rounded first, while every later column can
+still absorb their error. Groups stay runs of contiguous *original* columns with grids fixed up front (the
+reference's ``--static-groups``): the stored format needs no permutation index (no ``g_idx``).
 """
 
 from __future__ import annotations
@@ -89,22 +94,32 @@ class GPTQResult:
 def gptq_quantize(
     W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size: int = 128, block_size: int = 128,
     damp: float = 0.01, scale_dtype: torch.dtype = torch.float16, static_groups: bool = False,
+    act_order: bool = False,
 ) -> GPTQResult:
     """GPTQ of ``W [m, n]`` against the Hessian ``H [n, n]`` (computed in float64).
 
     ``static_groups`` takes every group's grid from the original weights before any update (the reference's
     ``--static-groups``, also what llm-compressor does); by default a grid is chosen when its group is reached.
+    ``act_order`` visits the columns by decreasing ``diag(H)`` and implies static groups (a group's columns are
+    then not visited together, so its grid cannot be read from "the columns as updated so far").
     """
     W = W.double().clone()
     m, n = W.shape
     g = effective_group_size(group_size, n)
     check_bits(bits)
+    static = group_size == -1 or static_groups or act_order
     scales = torch.zeros(m, n // g, dtype=torch.float64, device=W.device)
     zeros = torch.zeros_like(scales)
-    if group_size == -1 or static_groups:  # grids from the original weights, as the reference does
+    if static:  # grids from the original weights, as the reference does
         for k in range(n // g):
             scales[:, k], zeros[:, k] = minmax_grid(W[:, k * g : (k + 1) * g], bits, scale_dtype)
-    U, dead, damp_used = inverse_hessian_factor(H.to(W.device, torch.float64), W, damp)
+    H = H.to(W.device, torch.float64)
+    perm = torch.arange(n, device=W.device)
+    if act_order:  # as the reference and llm-compressor: by the raw diagonal (dead columns, H_jj = 0, go last)
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    group_of = perm // g  # the (original, contiguous) group of the column visited at each position
+    U, dead, damp_used = inverse_hessian_factor(H, W, damp)
 
     codes = torch.zeros_like(W)
     Q = torch.zeros_like(W)
@@ -116,8 +131,8 @@ def gptq_quantize(
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            k = j // g
-            if j % g == 0 and not (group_size == -1 or static_groups):
+            k = int(group_of[j])
+            if j % g == 0 and not static:
                 group = torch.cat((W1[:, i:], W[:, i2:]), 1)[:, :g]  # the columns as updated so far
                 scales[:, k], zeros[:, k] = minmax_grid(group, bits, scale_dtype)
             w = W1[:, i]
@@ -129,6 +144,9 @@ def gptq_quantize(
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    if act_order:  # back to the original column order
+        inverse = torch.argsort(perm)
+        codes, Q = codes[:, inverse], Q[:, inverse]
     return GPTQResult(codes, scales, zeros, Q, losses.sum().item(), damp_used, int(dead.sum()))
 
 
@@ -143,7 +161,9 @@ class GPTQ:
     """The per-layer algorithm the layer-by-layer driver calls (``odllm.compress.driver.compress_layers``).
 
     Statistics come from the quantized stream (each layer sees the inputs the quantized layers before it
-    produce), as in the reference's sequential loop.
+    produce), as in the reference's sequential loop; with ``true_sequential`` also inside a layer (o_proj's
+    from the quantized attention, gate/up's after it, down_proj's from the quantized gate/up: the driver collects
+    them group by group). ``act_order``: see the module note.
     """
 
     bits: int = 4
@@ -152,6 +172,8 @@ class GPTQ:
     damp: float = 0.01
     scale_dtype: str = "float16"
     static_groups: bool = False
+    act_order: bool = False
+    true_sequential: bool = True
 
     statistics = "compressed"
     sequential = True
@@ -173,6 +195,7 @@ class GPTQ:
         result = gptq_quantize(
             W, hessian(stats.covariance, stats.tokens), bits=self.bits, group_size=self.group_size,
             block_size=self.block_size, damp=self.damp, scale_dtype=scale_dtype, static_groups=self.static_groups,
+            act_order=self.act_order,
         )
         module = QuantLinear.from_codes(
             result.codes, result.scales, result.zeros, bits=self.bits, group_size=self.group_size,

@@ -19,11 +19,22 @@ into the matrix of stacked weights, and a lookup dequantizes only the rows it ga
 table, ``odllm.compress.embeddings``). :meth:`QuantLinear.from_linear` is round-to-nearest on this grid, the ``rtn``
 kind: GPTQ's output-aware rounding matters at 4 bits, at 8 bits per row RTN's error is already ~0.1 % of
 the weights' range.
+
+Low-bit kernels (CPU): where the layout allows, ``forward`` multiplies by the codes with torch's own packed
+kernels instead of dequantizing, ``aten._weight_int8pack_mm`` (8 bits, one grid per row) and
+``aten._weight_int4pack_mm_for_cpu`` (4 bits, kernel groups of 32/64/128/256 columns). The stored format does not
+change: the kernel layout is packed from the codes at the first forward into a non-persistent cache. The kernels
+do not know odllm's integer zero points, so they are converted exactly: 8 bits run the signed codes ``c - 128``
+and subtract the rank-one term ``sum(x) * scale * (zero - 128)``; 4 bits use the kernel's
+``(c - 8) * scale + offset`` with ``offset = (8 - zero) * scale``. In torch 2.13 the float32 kernels are 10-20x
+slower than a dense float32 matmul and the bfloat16 ones faster than it, so float32 inputs run the kernel only
+in mode ``bf16`` (inputs rounded to bfloat16, output cast back); see :data:`KERNEL_MODES`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +42,22 @@ from torch import nn
 
 BITS = (4, 8)
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# Which kernel a float32 input runs (bfloat16/float16 inputs run it in their own dtype unless "off"):
+# "auto" = dequantize (float32 results exactly as without kernels), "bf16" = the kernel on bfloat16-rounded inputs
+# (fast; ~1e-3 relative error), "fp32" = the kernel in float32 (exact, slow on CPU), "off" = always dequantize.
+KERNEL_MODES = ("auto", "bf16", "fp32", "off")
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts (torch 2.13)
+
+
+def check_kernel_mode(mode: str) -> str:
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel mode {mode!r} is not one of {KERNEL_MODES} (set ODLLM_KERNELS or set_kernels())")
+    return mode
+
+
+def default_kernel_mode() -> str:
+    """``ODLLM_KERNELS`` (default ``auto``): so that worker processes such as the benchmark's inherit it."""
+    return check_kernel_mode(os.environ.get("ODLLM_KERNELS", "auto"))
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -168,6 +195,10 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype), requires_grad=False) if bias else None
         self.keep_dequantized = False
         self._dequantized: torch.Tensor | None = None
+        self.kernel_mode = default_kernel_mode()
+        self.kernel: str | None = None  # what the last forward ran: "int8pack_mm", "int4pack_mm" or "dequantize"
+        self._packed: dict = {}  # kernel dtype -> the kernel layout (not in the state dict): (dtype, tensors...)
+        self._plans: dict = {}  # (input dtype, mode, keep_dequantized) -> (kernel dtype, kernel name)
 
     @classmethod
     def from_codes(
@@ -242,7 +273,86 @@ class QuantLinear(nn.Module):
                           self._unpack(self.qzeros[flat], self.scales.shape[1]), self.group_size)
         return rows.view(*index.shape, self.in_features)
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._packed = {}  # new codes: the kernel layout is packed again at the next forward
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._packed, self._plans = {}, {}  # another device or dtype: plan and pack again
+        return super()._apply(fn, recurse)
+
+    def kernel_group(self) -> int | None:
+        """Columns per group of the int4 kernel: a supported size dividing the stored group (the same grid split
+        in exact pieces; a row-wide grid pads the input columns), or None when none does (e.g. groups of 16)."""
+        if self.bits != 4:
+            return None
+        if self.scales.shape[1] == 1:
+            return next((g for g in INT4_KERNEL_GROUPS if self.in_features % g == 0), INT4_KERNEL_GROUPS[-1])
+        g = self.in_features // self.scales.shape[1]
+        return next((k for k in INT4_KERNEL_GROUPS if g % k == 0), None)
+
+    def kernel_dtype(self, dtype: torch.dtype) -> torch.dtype | None:
+        """The dtype the kernel would run in for inputs of ``dtype``, or None: dequantize."""
+        if self.kernel_mode == "off" or self.qweight.device.type != "cpu" or self.keep_dequantized:
+            return None
+        if (self.bits == 8 and self.scales.shape[1] != 1) or (self.bits == 4 and self.kernel_group() is None):
+            return None
+        if dtype in (torch.bfloat16, torch.float16):
+            return dtype
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}.get(self.kernel_mode) if dtype == torch.float32 else None
+
+    def planned_kernel(self, dtype: torch.dtype = torch.float32) -> str:
+        """What ``forward`` runs for inputs of ``dtype`` (without gradients) on the module's device."""
+        if self.kernel_dtype(dtype) is None:
+            return "dequantize"
+        return "int8pack_mm" if self.bits == 8 else "int4pack_mm"
+
+    def _kernel_layout(self, dtype: torch.dtype) -> tuple:
+        """The cached kernel operands for ``dtype``, packed from the stored codes (exact conversion of the grid)."""
+        if dtype in self._packed:
+            return self._packed[dtype]
+        scales, zeros = self.scales.float(), self.zeros().float()
+        if self.bits == 8:  # (c - z) s = (c - 128) s - (z - 128) s: signed codes, and a rank-one correction
+            signed = (self.codes().to(torch.int16) - 128).to(torch.int8)
+            self._packed[dtype] = (dtype, signed, scales[:, 0].to(dtype), (scales * (128 - zeros)).T.contiguous())
+        else:  # (c - z) s = (c - 8) s + (8 - z) s; the offset is exact in float32 (11-bit scale x 5-bit integer)
+            g, n = self.kernel_group(), self.in_features
+            padded = -(-n // g) * g
+            rows = -(-self.out_features // 16) * 16 - self.out_features  # the packing wants rows in 16s: pad, slice
+            codes = F.pad(self.codes().to(torch.int32), (0, padded - n, 0, rows), value=8)
+            repeat = padded // g if scales.shape[1] == 1 else (n // scales.shape[1]) // g
+            grid = torch.stack((scales, (8 - zeros) * scales), -1).repeat_interleave(repeat, 1)  # [out, groups, 2]
+            grid = F.pad(grid, (0, 0, 0, 0, 0, rows))
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            self._packed[dtype] = (dtype, packed, grid.transpose(0, 1).contiguous().to(dtype), g, padded)
+        return self._packed[dtype]
+
+    def _kernel_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        layout = self._kernel_layout(dtype)
+        flat = x.reshape(-1, self.in_features).to(dtype)
+        if self.bits == 8:
+            _, signed, scales, correction = layout
+            y = torch.ops.aten._weight_int8pack_mm(flat, signed, scales)  # + sum(x) (128 - z) s: one addmm
+            y = torch.addmm(y.float(), flat.sum(-1, keepdim=True, dtype=torch.float32), correction)
+        else:
+            _, packed, grid, g, padded = layout
+            if padded != self.in_features:
+                flat = F.pad(flat, (0, padded - self.in_features))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, g, grid)
+            if y.shape[1] != self.out_features:
+                y = y[:, : self.out_features]
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.dtype, self.kernel_mode, self.keep_dequantized)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = (self.kernel_dtype(x.dtype), self.planned_kernel(x.dtype))
+        if plan[0] is not None and not (x.requires_grad and torch.is_grad_enabled()):
+            self.kernel = plan[1]
+            return self._kernel_forward(x, plan[0])
+        self.kernel = "dequantize"
         if self.keep_dequantized:
             if self._dequantized is None:
                 self._dequantized = self.dequantized_weight()
@@ -258,12 +368,15 @@ class QuantLinear(nn.Module):
         held = sum(t.numel() * t.element_size() for t in tensors)
         if self._dequantized is not None:
             held += self._dequantized.numel() * self._dequantized.element_size()
+        for layout in self._packed.values():  # the kernel layout is a second copy of the codes beside the stored ones
+            held += sum(t.numel() * t.element_size() for t in layout[1:] if isinstance(t, torch.Tensor))
         return {"params": self.out_features * self.in_features + (self.out_features if self.bias is not None else 0),
                 "bytes": held}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, kind={self.kind}, keep_dequantized={self.keep_dequantized}")
+                f"group_size={self.group_size}, kind={self.kind}, keep_dequantized={self.keep_dequantized}, "
+                f"kernel_mode={self.kernel_mode}")
 
 
 def keep_dequantized(model: nn.Module, enabled: bool = True) -> int:
@@ -275,3 +388,16 @@ def keep_dequantized(model: nn.Module, enabled: bool = True) -> int:
             module._dequantized = None
             count += 1
     return count
+
+
+def set_kernels(model: nn.Module, mode: str) -> dict[str, int]:
+    """Set the kernel mode (:data:`KERNEL_MODES`) of every QuantLinear in ``model``; returns how many modules now
+    plan each kernel for float32 inputs."""
+    check_kernel_mode(mode)
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.kernel_mode, module._packed = mode, {}
+            kernel = module.planned_kernel()
+            counts[kernel] = counts.get(kernel, 0) + 1
+    return counts

@@ -93,12 +93,14 @@ def sparsegpt_prune(
 
 @dataclass
 class SparseGPT:
-    """The per-layer algorithm for ``odllm.compress.driver.compress_layers``: statistics from the pruned stream."""
+    """The per-layer algorithm for ``odllm.compress.driver.compress_layers``: statistics from the pruned stream,
+    with ``true_sequential`` also inside a layer (each group of linears sees the already pruned ones before it)."""
 
     sparsity: float = 0.5
     pattern: str = "unstructured"
     block_size: int = 128
     damp: float = 0.01
+    true_sequential: bool = True
 
     statistics = "compressed"
     sequential = True

@@ -40,6 +40,13 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.to(dtype).T @ b.to(dtype)).double()
 
 
+def _device(module: nn.Module) -> torch.device:
+    """Where a module's weights live: its parameters, or its buffers (a quantized linear holds only buffers)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    raise ValueError(f"{type(module).__name__} holds no tensors: cannot tell where its inputs arrive")
+
+
 @dataclass
 class LinearStatistics:
     """What one linear saw on the calibration data: C = sum x x^T (float64), mean |x| per channel, token count."""
@@ -60,7 +67,7 @@ class InputCovariances:
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         self.modules = dict(modules)
-        device = {name: next(m.parameters()).device for name, m in self.modules.items()}  # where its inputs arrive
+        device = {name: _device(m) for name, m in self.modules.items()}  # where its inputs arrive
         self.covariance = {
             name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device[name])
             for name, m in self.modules.items()
@@ -139,3 +146,33 @@ def capture_inputs(
     if len(seen) != len(modules):
         raise RuntimeError(f"the forward never called {sorted(set(modules) - set(seen))}")
     return seen
+
+
+def input_groups(
+    layer: nn.Module, x: torch.Tensor, kwargs: dict, modules: Mapping[str, nn.Module]
+) -> list[list[str]]:
+    """``modules`` grouped by the input tensor they share, in call order, from one forward of ``layer``:
+    ``[[q, k, v], [o], [gate, up], [down]]`` for a LLaMA layer, the order of a true-sequential refit. Modules the
+    forward never calls form a last group."""
+    groups: list[list[str]] = []
+    last: list = [None]  # the last input seen (held, so that its identity cannot be reused)
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            if any(name in group for group in groups):
+                return
+            if inputs[0] is not last[0]:
+                last[0] = inputs[0]
+                groups.append([])
+            groups[-1].append(name)
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in modules.items()]
+    try:
+        layer(x, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in modules if not any(name in group for group in groups)]
+    return groups + [missing] if missing else groups
