@@ -17,7 +17,7 @@ from test_compression import batches, logits, sequences, tiny_model
 from odllm.bench.weights import describe_model
 from odllm.compress.embeddings import QuantEmbedding
 from odllm.compress.lowrank import LowRankLinear
-from odllm.compress.quant import QuantLinear, dequantize, rtn_quantize, set_kernels
+from odllm.compress.quant import KERNEL_MAX_ROWS, QuantLinear, dequantize, rtn_quantize, set_kernels
 from odllm.compress.registry import compress_with
 from odllm.compress.saved import load_compressed, save_compression_config
 from odllm.model.recommender import COMPRESSION_FILE
@@ -104,6 +104,17 @@ def test_the_kernel_is_chosen_where_the_layout_allows(bits, group, n, kernel):
     assert q.planned_kernel() == "dequantize" and q.planned_kernel(torch.bfloat16) == kernel
     q.kernel_mode, q.keep_dequantized = "bf16", True
     assert q.planned_kernel() == "dequantize"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_many_rows_per_call_dequantize(bits):
+    """Above KERNEL_MAX_ROWS the shared dequantization is cheaper than the kernel (prompt passes, big batches)."""
+    q = module(bits, -1, 64)
+    limit = KERNEL_MAX_ROWS[bits]
+    run(q, torch.randn(limit, 64), "bf16")
+    assert q.kernel != "dequantize"
+    run(q, torch.randn(2, limit // 2 + 1, 64), "bf16")
+    assert q.kernel == "dequantize"
 
 
 def test_gradients_and_off_mode_use_the_dequantize_path_and_bad_modes_are_clear():

@@ -16,7 +16,7 @@ from torch import nn
 
 from odllm.bench.fusion import FusedMember
 from odllm.compress.driver import decoder_layers
-from odllm.compress.quant import QuantLinear
+from odllm.compress.quant import KERNEL_MAX_ROWS, QuantLinear
 from odllm.compress.storage import is_compressed, storage
 
 
@@ -101,6 +101,8 @@ def describe_model(directory: Path, model: nn.Module) -> dict:
         ran = kernels(model)
         if ran:
             label += "; kernels: " + ", ".join(f"{n}x {k}" for k, n in sorted(ran.items()))
+            if set(ran) - {"dequantize"}:
+                label += f" (up to {'/'.join(map(str, KERNEL_MAX_ROWS.values()))} rows per call at 8/4 bits)"
         if simulated:
             label += "; SIMULATED: decoder linears are plain float linears (dense storage, no saving in bytes or time)"
     return {"compression": compression, "compression_kinds": dict(kinds),

@@ -172,7 +172,7 @@ class GPTQ:
     damp: float = 0.01
     scale_dtype: str = "float16"
     static_groups: bool = False
-    act_order: bool = False
+    act_order: bool = True
     true_sequential: bool = True
 
     statistics = "compressed"

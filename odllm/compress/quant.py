@@ -47,6 +47,9 @@ SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 # (fast; ~1e-3 relative error), "fp32" = the kernel in float32 (exact, slow on CPU), "off" = always dequantize.
 KERNEL_MODES = ("auto", "bf16", "fp32", "off")
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts (torch 2.13)
+# Input rows per call up to which the kernel runs; above, the dequantization is shared by enough rows that
+# dequantize + float32 matmul is faster (measured at widths 256/688 on one thread: docs/results.md, low-bit kernels).
+KERNEL_MAX_ROWS = {8: 32, 4: 256}
 
 
 def check_kernel_mode(mode: str) -> str:
@@ -349,7 +352,8 @@ class QuantLinear(nn.Module):
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = (self.kernel_dtype(x.dtype), self.planned_kernel(x.dtype))
-        if plan[0] is not None and not (x.requires_grad and torch.is_grad_enabled()):
+        if (plan[0] is not None and x.numel() <= KERNEL_MAX_ROWS[self.bits] * self.in_features
+                and not (x.requires_grad and torch.is_grad_enabled())):
             self.kernel = plan[1]
             return self._kernel_forward(x, plan[0])
         self.kernel = "dequantize"

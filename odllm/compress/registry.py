@@ -4,8 +4,10 @@
   the top-level ``ratio``); with ``factor_bits`` (odllm_int8) the factors are then stored as integers;
   ``allocation: loss`` (odllm_alloc; importance, sensitivity_prompts) shares the ratio's parameter total out by
   loss per parameter (``LowRank.allocate`` runs before the layer loop);
-- ``gptq``: gptq, gptq8 (bits, group_size, block_size, damp, scale_dtype, static_groups);
-- ``sparsegpt``: sparsegpt, sparsegpt24 (sparsity, pattern: unstructured or n:m, block_size, damp);
+- ``gptq``: gptq, gptq8 (bits, group_size, block_size, damp, scale_dtype, static_groups, act_order,
+  true_sequential);
+- ``sparsegpt``: sparsegpt, sparsegpt24 (sparsity, pattern: unstructured or n:m, block_size, damp,
+  true_sequential);
 - ``bnb``: bnb_int8, bnb_nf4 (quant_type, threshold, blocksize, double_quant).
 
 A method config names its algorithm with ``algorithm:``; the names above need not (their algorithm is known).

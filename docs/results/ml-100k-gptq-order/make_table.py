@@ -1,27 +1,32 @@
 """Copy the runs' metrics.json / compression_report.json here (machine paths replaced) and print the table.
 
-    python docs/results/ml-100k-gptq-order/make_table.py outputs/compress/ml-100k/<run> ...
+    python docs/results/ml-100k-gptq-order/make_table.py outputs/compress/ml-100k/<run> ...   # copy, then print
+    python docs/results/ml-100k-gptq-order/make_table.py                                       # print only
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
-REPLACE = {"/work/shared/data": "$ODLLM_DATA_DIR", "/work/baseline/models/": "models/", "/work/gptq/models/": "models/"}
 
 
-def clean(text: str) -> str:
-    for old, new in REPLACE.items():
-        text = text.replace(old, new)
+def clean(text: str, metrics: dict) -> str:
+    """Machine paths -> ``$ODLLM_DATA_DIR`` and ``models/...`` (data from the environment, models from the run)."""
+    roots = {os.environ.get("ODLLM_DATA_DIR"): "$ODLLM_DATA_DIR",
+             str(Path(metrics["model_dir"]).parent): "models", str(Path(metrics["dense_model_dir"]).parent): "models"}
+    for old, new in roots.items():
+        if old:
+            text = text.replace(old, new)
     return text
 
 
 def main(runs: list[str]) -> None:
     for run in map(Path, runs):
-        name = json.loads((run / "metrics.json").read_text())["method"]["name"]
+        metrics = json.loads((run / "metrics.json").read_text())
         for file in ("metrics.json", "compression_report.json"):
-            (HERE / f"{name}.{file}").write_text(clean((run / file).read_text()))
+            (HERE / f"{metrics['method']['name']}.{file}").write_text(clean((run / file).read_text(), metrics))
     print("| method | act_order | true_sequential | KL to dense | top-10 overlap | NDCG@10 | HR@10 | "
           "layer output error (0, 1, 2, 3) | compress s |")
     print("|---|---|---|---|---|---|---|---|---|")
