@@ -13,10 +13,11 @@ from test_compression import batches, logits, sequences, tiny_model
 
 from odllm import config
 from odllm.compress.gptq import GPTQ, gptq_quantize, hessian, weighted_error
+from odllm.compress.grid import pack_bits, pack_int4, rtn_quantize, unpack_bits, unpack_int4
 from odllm.compress.lowrank import LowRankLinear
 from odllm.compress.lowrank_method import factorise_linear
 from odllm.compress.pipeline import compress_recommender, load_dense
-from odllm.compress.quant import QuantLinear, pack_bits, pack_int4, rtn_quantize, unpack_bits, unpack_int4
+from odllm.compress.quant import QuantLinear
 from odllm.compress.registry import algorithm_name, build_algorithm, compress_with
 from odllm.compress.saved import load_compressed, load_recommender, save_compression_config
 from odllm.compress.sparse import SparseLinear

@@ -16,8 +16,9 @@ from test_compression import batches, logits, sequences, tiny_model
 
 from odllm.bench.weights import describe_model
 from odllm.compress.embeddings import QuantEmbedding
+from odllm.compress.grid import dequantize, rtn_quantize
 from odllm.compress.lowrank import LowRankLinear
-from odllm.compress.quant import KERNEL_MAX_ROWS, QuantLinear, dequantize, rtn_quantize, set_kernels
+from odllm.compress.quant import KERNEL_MAX_ROWS, QuantLinear, set_kernels
 from odllm.compress.registry import compress_with
 from odllm.compress.saved import load_compressed, save_compression_config
 from odllm.model.recommender import COMPRESSION_FILE

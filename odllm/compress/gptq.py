@@ -33,15 +33,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from odllm.compress.quant import (
+from odllm.compress.grid import (
     SCALE_DTYPES,
-    QuantLinear,
     check_bits,
     effective_group_size,
     minmax_grid,
     quantize_codes,
     rtn_quantize,
 )
+from odllm.compress.quant import QuantLinear
 
 log = logging.getLogger(__name__)
 

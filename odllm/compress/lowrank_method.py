@@ -25,8 +25,8 @@ from torch import nn
 from odllm.compress.align import align_layer
 from odllm.compress.allocation import IMPORTANCE, choose_ranks
 from odllm.compress.driver import Streams, compare_layers, compress_layers
+from odllm.compress.grid import check_bits
 from odllm.compress.lowrank import LowRankLinear, cholesky_with_jitter, factorize, rank_for_ratio, singular_values
-from odllm.compress.quant import check_bits
 from odllm.compress.statistics import LinearStatistics
 from odllm.compress.storage import storage
 

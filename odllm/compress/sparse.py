@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from odllm.compress.quant import pack_bits, unpack_bits
+from odllm.compress.grid import pack_bits, unpack_bits
 
 STORAGE_NOTE = "sparse storage (values in the model's dtype + 1-bit mask), dense compute"
 
