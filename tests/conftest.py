@@ -75,3 +75,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_run_overrides) -> list[str]:
+    """Overrides of a one-epoch tiny run that has been trained (its model in tmp_path/models)."""
+    from odllm.runner.train import train
+
+    overrides = [*tiny_run_overrides, "trainer.max_epochs=1", "calibration.size=32", "calibration.batch_size=8"]
+    train(compose_config(overrides), tmp_path / "train")
+    return overrides

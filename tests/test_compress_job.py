@@ -10,13 +10,6 @@ from odllm.runner.evaluate import evaluate
 from odllm.runner.train import train
 
 
-@pytest.fixture
-def trained(tmp_path, tiny_run_overrides):
-    overrides = [*tiny_run_overrides, "trainer.max_epochs=1", "calibration.size=32", "calibration.batch_size=8"]
-    train(compose_config(overrides), tmp_path / "train")
-    return overrides
-
-
 def test_compress_evaluate_and_reload(tmp_path, trained):
     result = compress(compose_config([*trained, "ratio=0.5", "method=odllm"]), tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())

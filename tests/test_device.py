@@ -172,13 +172,6 @@ def test_test_subset_draws_what_the_benchmark_draws():
     assert subset.test == random.Random(7).sample(test, 10) and "random subset of the 50 test users (seed 7)" in note
 
 
-@pytest.fixture
-def trained(tmp_path, tiny_run_overrides):
-    overrides = [*tiny_run_overrides, "trainer.max_epochs=1", "calibration.size=32", "calibration.batch_size=8"]
-    train(compose_config(overrides), tmp_path / "train")
-    return overrides
-
-
 def test_compress_without_evaluation_then_evaluate_a_subset_later(tmp_path, trained):
     result = compress(compose_config([*trained, "compress_eval=false", "device=cpu"]), tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())

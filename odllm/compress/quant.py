@@ -1,13 +1,8 @@
 """Integer weights that really are small: the module that stores them (grids and packing: :mod:`odllm.compress.grid`).
 
-A b-bit weight row is cut into groups of ``group_size`` input columns; each group has its own grid
-
-    scale = (max(w, 0) - min(w, 0)) / (2^b - 1),   zero = round(-min(w, 0) / scale),
-    code  = clamp(round(w / scale) + zero, 0, 2^b - 1),   w_hat = scale * (code - zero),
-
-asymmetric and always containing 0, as in the reference GPTQ code (a group of zeros gets the range [-1, 1]).
-``scale`` is rounded to its storage dtype (float16 by default) *before* the codes are chosen, so the grid the
-algorithms optimise against is exactly the one :class:`QuantLinear` stores and dequantizes.
+Each b-bit row is cut into groups with their own min-max grid (the formulas are in :mod:`odllm.compress.grid`);
+the grid's ``scale`` is rounded to its storage dtype before the codes are chosen, so the grid the algorithms
+optimise against is exactly the one :class:`QuantLinear` stores and dequantizes.
 
 Storage of an m x n matrix: 4-bit codes two per byte (low nibble first), 8-bit codes one per byte, plus per
 group one scale (2 bytes) and one zero point (4 or 8 bits, packed like the codes). The weights are dequantized
