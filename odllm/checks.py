@@ -8,16 +8,19 @@ Each message names the key, what it must be and a valid example, e.g. ``ratio='a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import linecache
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+
+D = TypeVar("D")
 
 F = TypeVar("F", bound=Callable[..., Any])
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -230,3 +233,10 @@ def user_errors(main: F) -> F:
             raise SystemExit(1) from None
 
     return run  # type: ignore[return-value]
+
+
+def settings_from(cls: type[D], values: Mapping, *, skip_none: bool = False) -> D:
+    """A settings dataclass from a config entry (a plain mapping): keys it has no field for are left out (a dataset
+    entry also carries item_tokens etc.); with ``skip_none`` a null value keeps the field's default."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known and not (skip_none and v is None)})

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import random
 from pathlib import Path
 
 import hydra
@@ -26,7 +25,7 @@ from odllm.checks import user_errors
 from odllm.compress.pipeline import compress_recommender, load_dense
 from odllm.compress.registry import model_tag, uses_ratio
 from odllm.eval.generation import Recommendations
-from odllm.eval.protocol import public, score_examples
+from odllm.eval.protocol import public, sample_test_users, score_examples
 from odllm.files import write_file_atomically, write_json, write_text
 from odllm.model.recommender import Recommender
 
@@ -38,10 +37,7 @@ RUN_KEYS = ("method", "ratio", "storage", "sizes", "test", "fidelity", "compress
 def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
     dense, split = load_dense(config.model_dir(cfg), config.dataset_source(cfg), cfg.task.max_history,
                               allow_other_dataset=cfg.allow_other_dataset, device=config.device(cfg))
-    users, note = cfg.bench.test_users, "all test users"
-    if users is not None and users < len(split.test):  # a seeded subset: a sweep at a fraction of the cost
-        note = f"a random subset of the {len(split.test)} test users (seed {cfg.seed})"
-        split = dataclasses.replace(split, test=random.Random(cfg.seed).sample(split.test, users))
+    split, note = sample_test_users(split, cfg.bench.test_users, cfg.seed)  # a seeded subset: a cheaper sweep
     out = Path(cfg.bench.out)
     protocol = run_protocol(cfg, dense, len(split.test))
     done, dense_result = previous_results(out, protocol) if cfg.bench.resume else ({}, None)

@@ -6,12 +6,12 @@ few interactions are dropped and counted, never silently.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from odllm.checks import settings_from
 from odllm.data.fetch import fetch_ml100k
 from odllm.data.readers import DataError, read_atomic, read_interactions_csv, read_lcrec
 
@@ -93,8 +93,7 @@ class DatasetSource:
     @classmethod
     def from_mapping(cls, values: Mapping) -> DatasetSource:
         """From a dataset config entry; its keys that are not about reading (item_tokens ...) are left out."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+        return settings_from(cls, values, skip_none=True)
 
 
 def load_dataset(source: DatasetSource) -> Dataset:

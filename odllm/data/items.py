@@ -155,18 +155,13 @@ def learned_index_path(index: str | None, indices_dir: str | Path) -> Path:
     return path
 
 
-def read_index_file(path: Path) -> dict[str, list[str]]:
-    """An LC-Rec-format index: ``{"item": ["<a_12>", "<b_3>", ...]}``."""
-    return read_index(path)
-
-
 def item_codes_for(dataset: Dataset, kind: str, index: str | None, indices_dir: str | Path) -> ItemCodes:
     """The item index of ``kind`` (``dataset.item_tokens``); a learned one (``dataset.index``, a name in
     ``indices_dir`` or a path) must cover every item of the dataset."""
     if kind != "learned":
         return build_item_codes(kind, dataset.items, dataset.semantic_index)
     path = learned_index_path(index, indices_dir)
-    index = read_index_file(path)
+    index = read_index(path)
     missing = [i for i in dataset.items if i not in index]
     if missing:
         raise DataError(

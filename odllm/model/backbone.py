@@ -7,7 +7,6 @@ item tokens actually learn; :func:`merge` folds LoRA back into plain ``nn.Linear
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import resource
 from collections.abc import Iterable, Mapping
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from odllm.checks import settings_from
 from odllm.data.items import ItemCodes
 from odllm.eval.generation import model_device
 from odllm.model.tokenizer import add_item_tokens, train_tokenizer
@@ -41,8 +41,7 @@ class BackboneSpec:
 
     @classmethod
     def from_mapping(cls, values: Mapping) -> BackboneSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        return settings_from(cls, values)
 
 
 def build_model(spec: BackboneSpec, item_codes: ItemCodes, corpus: Iterable[str]):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from odllm.checks import settings_from
 from odllm.data.dataset import Example
 from odllm.data.prompts import training_windows
 from odllm.eval.metrics import RankMetrics
@@ -68,8 +69,7 @@ class SASRecSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping) -> SASRecSettings:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+        return settings_from(cls, values, skip_none=True)
 
 
 class Block(nn.Module):

@@ -18,7 +18,6 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from odllm import config
-from odllm.compress.lowrank import check_ratio
 from odllm.compress.pipeline import compress_recommender
 from odllm.data.datamodule import SeqRecDataModule
 from odllm.data.dataset import leave_one_out, load_dataset
@@ -46,11 +45,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict:
 
 
 def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> dict:
-    if cfg.compress:  # fail before training, not after
-        check_ratio(cfg.ratio)
+    if cfg.compress:  # an unknown method fails before training, not after (check_train did ratio and the rest)
         config.method_config(cfg, cfg.compress)
-    if cfg.train.ema_decay is not None and not 0 < cfg.train.ema_decay < 1:
-        raise ValueError(f"train.ema_decay={cfg.train.ema_decay} must lie in (0, 1), e.g. 0.995; null turns it off")
     L.seed_everything(cfg.seed, workers=True)
     started = time.perf_counter()
 
