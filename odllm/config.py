@@ -26,6 +26,7 @@ from odllm.checks import (  # noqa: F401 (ConfigError: the config layer's error,
     text,
 )
 from odllm.compress.pipeline import Calibration, CompressionJob
+from odllm.compress.quant import KERNEL_MODES
 from odllm.compress.registry import algorithm_name
 from odllm.data.dataset import Dataset, DatasetSource
 from odllm.data.items import ItemCodes, item_codes_for
@@ -228,6 +229,7 @@ def check_inference(cfg: DictConfig) -> None:
         raise ConfigError(f"batch_sizes={sizes!r} must map model labels to whole numbers >= 1, "
                           "e.g. 'batch_sizes={dense: 32}'")
     choice(cfg, "fuse", (False, True, "both"))
+    choice(cfg, "kernels", (*KERNEL_MODES, None))
     boolean(cfg, "profile")
     text(cfg, "out", "outputs/benchmarks/ml-100k-inference")
     if cfg.top_k > cfg.eval.num_beams:

@@ -111,3 +111,17 @@ def test_model_names_resolve_and_unknown_ones_fail(models):
     assert [label for label, _ in chosen] == ["dense", "svd-r0.5"]  # the dense model is listed once, first
     with pytest.raises(FileNotFoundError, match="odllm-r0.9"):
         resolve_models(compose_config([*overrides, "models=[odllm-r0.9]"], config_name="inference"))
+
+
+def test_kernels_key_reaches_the_workers(models):
+    """kernels=bf16 makes the int8 factors and head run torch's packed kernel; the payload records the mode."""
+    root, overrides = models
+    out = root / "bench" / "kernels"
+    cfg = compose_config([*overrides, "models=[odllm_int8-r0.5-emb8]", "threads=1", "repeats=1", "warmup=0",
+                          "latency_users=2", "throughput_users=2", "batch_size=2", "kernels=bf16", f"out={out}"],
+                         config_name="inference")
+    payload = run_inference_benchmark(cfg)
+    assert payload["protocol"]["kernels"] == "bf16"
+    dense, int8 = payload["rows"]
+    assert not dense["kernels"] and set(int8["kernels"]) == {"int8pack_mm"}
+    assert "int8pack_mm" in int8["description"]

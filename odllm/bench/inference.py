@@ -152,7 +152,7 @@ def _row(label: str, path: Path, about: dict, m: dict, batch_size: int, baseline
     return {
         "label": label, "model_dir": str(path), "description": about["label"],
         **{key: about[key] for key in ("simulated", "compression", "compression_kinds", "decoder_linear_classes",
-                                       "decoder_linear_dtypes", "parameters", "memory_bytes", "disk_bytes",
+                                       "decoder_linear_dtypes", "kernels", "parameters", "memory_bytes", "disk_bytes",
                                        "load_seconds", "trie_build_seconds", "fused_groups")},
         "latency_ms": {k: 1000 * v for k, v in _quantiles([mean(s) for s in latency]).items()},
         "latency_ms_per_call": {k: 1000 * v for k, v in _quantiles([x for s in latency for x in s]).items()},
@@ -204,7 +204,7 @@ def run_inference_benchmark(cfg: DictConfig) -> dict:
     base_spec = {
         "threads": cfg.threads, "template": cfg.eval.template, "num_beams": cfg.eval.num_beams, "top_k": cfg.top_k,
         "warmup": cfg.warmup, "profile_users": cfg.profile_users, "dense_dir": str(models[0][1]),
-        "latency": latency_users, "throughput": throughput_users,
+        "latency": latency_users, "throughput": throughput_users, "kernels": cfg.kernels,
     }
     load_before = os.getloadavg()
     if load_before[0] + cfg.threads > (os.cpu_count() or 1):
@@ -246,6 +246,7 @@ def run_inference_benchmark(cfg: DictConfig) -> dict:
         "protocol": {"num_beams": cfg.eval.num_beams, "repeats": cfg.repeats, "warmup_users": cfg.warmup,
                      "latency_users": len(latency_users), "throughput_users": len(throughput_users),
                      "seed": cfg.seed, "template": cfg.eval.template, "max_history": max_history, "fuse": cfg.fuse,
+                     "kernels": cfg.kernels or os.environ.get("ODLLM_KERNELS", "auto"),
                      "order": "round-robin over models per user (latency), per batch (throughput)"},
         "baseline_maxrss_bytes": baseline_rss,
         "seconds": round(time.perf_counter() - started, 1),
@@ -268,7 +269,7 @@ def run_inference_benchmark(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig) -> None:
     config.check_inference(cfg)
     keys = ("models", "threads", "repeats", "latency_users", "throughput_users", "batch_size", "batch_sizes", "fuse",
-            "out")
+            "kernels", "out")
     log.info("config:\n%s", OmegaConf.to_yaml({k: cfg[k] for k in keys}))
     run_inference_benchmark(cfg)
 

@@ -59,12 +59,15 @@ class Worker:
     """One model in one process: loads it, then answers ``latency``, ``throughput`` and ``profile`` requests."""
 
     def __init__(self, spec: dict):
+        from odllm.compress.quant import set_kernels
         from odllm.compress.saved import load_recommender  # imports transformers: only after stdout is redirected
 
         self.spec, self.directory = spec, Path(spec["model_dir"])
         started = time.perf_counter()
         self.rec = load_recommender(self.directory)
         self.model = self.rec.model.eval()
+        if spec.get("kernels"):  # the benchmark's kernels= key; else each QuantLinear's default (ODLLM_KERNELS)
+            set_kernels(self.model, spec["kernels"])
         self.about = describe_model(self.directory, self.model)  # before fusion, which renames the linears' classes
         self.fused_groups = fuse_projections(self.model) if spec.get("fuse") else 0
         self.load_seconds = time.perf_counter() - started

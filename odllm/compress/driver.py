@@ -67,7 +67,8 @@ def forward_layer(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tens
 
 
 def layer_inputs(model: nn.Module, layers: nn.ModuleList, batches: list[dict]) -> tuple[list, list[dict]]:
-    """Hidden states and keyword arguments (mask, rotary embeddings, positions) layer 0 gets per batch."""
+    """Hidden states and keyword arguments (mask, rotary embeddings, positions) layer 0 gets per batch; the
+    forward stops there, so the layers may still be on the meta device (:mod:`odllm.compress.streamed`)."""
     hidden, kwargs = [], []
 
     def catch(module: nn.Module, args: tuple, kw: dict) -> None:
@@ -181,21 +182,89 @@ def _collect(layer: nn.Module, modules: dict, source: list, streams: Streams, st
 
 def _statistics_by_group(algorithm: LayerAlgorithm, original: nn.Module, layer: nn.Module, linears: dict,
                          streams: Streams):
-    """Yield ``(names, stats)``: the whole layer's statistics from the dense copy at once, or with
-    ``true_sequential`` one group at a time from ``layer``, lazily, so that the caller replaces a group's linears
-    before the next group's statistics are collected. ``stats`` is None for ``statistics: none``."""
+    """Yield ``(names, stats)`` one group of linears sharing an input at a time ([q, k, v], [o], [gate, up],
+    [down]), lazily, so that the caller replaces (and frees the statistics of) a group's linears before the next
+    group's statistics are collected: memory holds one group's statistics, not the layer's (at LLaMA-1B width the
+    float64 sums of one layer are 0.7 GB, 0.5 GB of them down_proj's). Without ``true_sequential`` they come from
+    the dense copy ``original`` (each forward ending at the group's last linear; the sums are the ones a single
+    pass gives), with it from ``layer``, whose earlier groups are already replaced. ``stats`` is None for
+    ``statistics: none``."""
     if algorithm.statistics == "none":
         yield list(linears), None
         return
     source = streams.Xc if algorithm.statistics == "compressed" else streams.X
-    if not getattr(algorithm, "true_sequential", False):
-        yield list(linears), _collect(original, linears, source, streams, None)
-        return
+    sequential = getattr(algorithm, "true_sequential", False)
     groups = input_groups(original, source[0], streams.kwargs[0], linears)
     for g, group in enumerate(groups):
-        modules = {name: layer.get_submodule(name) for name in group}
+        modules = {name: (layer if sequential else original).get_submodule(name) for name in group}
         stop = modules[group[-1]] if g < len(groups) - 1 else None
-        yield group, _collect(layer, modules, source, streams, stop)
+        yield group, _collect(layer if sequential else original, modules, source, streams, stop)
+
+
+def compress_layer(
+    layer: nn.Module, prefix: str, index: int, streams: Streams, algorithm: LayerAlgorithm
+) -> tuple[list[dict], dict]:
+    """Compress one decoder layer in place and advance both streams; returns ``(matrix entries, layer report)``.
+
+    The body of :func:`compress_layers`, shared with the layer-streamed path (:mod:`odllm.compress.streamed`).
+    ``prefix`` names the layer in the model (``model.layers.3``). The dense reference ``original`` is a copy of
+    the layer's modules that shares its tensors (no second copy of the weights): methods replace modules of
+    ``layer``, never write into the dense weights.
+    """
+    original = copy.deepcopy(layer, memo={id(t): t for t in (*layer.parameters(), *layer.buffers())})
+    linears = {name: m for name, m in original.named_modules() if isinstance(m, nn.Linear)}
+    replaced, entries, groups = {}, {}, []
+    for group, stats in _statistics_by_group(algorithm, original, layer, linears, streams):
+        groups += stats.groups if stats is not None else []
+        for name in group:
+            linear = linears[name]
+            full_name = f"{prefix}.{name}"
+            module, found = algorithm.compress_linear(full_name, linear, stats and stats.statistics(name))
+            entries[name] = _entry(full_name, linear, module, found)
+            if stats is not None:
+                entries[name]["tokens"] = stats.tokens[name]
+            if module is not None:
+                layer.set_submodule(name, module)
+                replaced[name] = module
+        del stats  # this group's statistics (n x n float64 per linear) go before the next group's are summed
+    entries = {name: entries[name] for name in linears}  # the report in module order whatever the groups
+
+    report = {"layer": index, "input_stream": "compressed" if algorithm.sequential else "original"}
+    if getattr(algorithm, "true_sequential", False):
+        report["statistics_groups"] = groups
+    refined = None
+    if algorithm.sequential and replaced:
+        refined = algorithm.refine(original, layer, replaced, groups, entries, streams)
+    if refined is not None:
+        report.update(refined)
+    else:
+        if not algorithm.sequential:
+            streams.Xc = list(streams.X)  # measure this layer on the original stream
+        report["output_error"] = compare_layers(
+            original, layer, streams, advance_original=True, advance_compressed=algorithm.sequential
+        )
+    log.debug("layer %d: %s", index, report)
+    return list(entries.values()), report
+
+
+def validate_layer(layer: nn.Module, prefix: str, algorithm: LayerAlgorithm) -> None:
+    """Every linear of ``layer`` checked by the algorithm (shapes, settings) before any work."""
+    for name, linear in layer.named_modules():
+        if isinstance(linear, nn.Linear):
+            algorithm.validate(f"{prefix}.{name}", linear)
+
+
+def calibration_masks(batches: list[dict]) -> list[torch.Tensor]:
+    """Per batch the tokens statistics and errors use: ``statistics_mask`` (default: every non-pad token)."""
+    return [batch.get("statistics_mask", batch["attention_mask"]).bool() for batch in batches]
+
+
+def settings_report(algorithm: LayerAlgorithm, masks: list[torch.Tensor]) -> dict:
+    return {
+        **algorithm.settings(),
+        "calibration_sequences": sum(len(mask) for mask in masks),
+        "calibration_tokens": int(sum(mask.sum() for mask in masks)),
+    }
 
 
 @torch.no_grad()
@@ -209,72 +278,34 @@ def compress_layers(
     The batches are moved to the model's device; every stream, statistic and factor stays there, in the model's
     dtype (statistics: float64 sums, :mod:`odllm.compress.statistics`).
 
-    Memory (not yet restructured, see docs/scale.md): both streams hold every calibration batch's hidden states
-    for the whole run (2 x size x tokens x hidden), and each layer is deep-copied as the reference while it is
-    compressed; the caller (``odllm.compress.pipeline``) holds the dense model beside this one.
+    Memory: both streams (2 x size x tokens x hidden), one group's statistics, and the layer's compressed modules
+    beside its dense ones; the whole model is resident (the caller, ``odllm.compress.pipeline``, also holds the
+    dense model). :mod:`odllm.compress.streamed` runs the same :func:`compress_layer` on a model read from its
+    shards one layer at a time.
     """
     layers = decoder_layers(model)
     if any(is_compressed(m) for m in layers.modules()):
         raise ValueError("the model is already compressed: pass the dense model")
     names = {module: name for name, module in model.named_modules()}
     for layer in layers:
-        for name, linear in layer.named_modules():
-            if isinstance(linear, nn.Linear):
-                algorithm.validate(f"{names[layer]}.{name}", linear)
+        validate_layer(layer, names[layer], algorithm)
     training = model.training
     model.eval()
     device = model_device(model)
     batches = [{key: value.to(device) for key, value in batch.items()} for batch in batches]
     sizes_before = sizes(model, layers)
-    # statistics and errors use only the tokens named by ``statistics_mask`` (default: every non-pad token)
-    masks = [batch.get("statistics_mask", batch["attention_mask"]).bool() for batch in batches]
+    masks = calibration_masks(batches)
     X, kwargs = layer_inputs(model, layers, batches)
     streams = Streams(X, list(X), kwargs, masks)
     matrices, layer_reports = [], []
-
     for i, layer in enumerate(tqdm(layers, desc="compress layers", disable=not progress)):
-        original = copy.deepcopy(layer)
-        linears = {name: m for name, m in original.named_modules() if isinstance(m, nn.Linear)}
-        replaced, entries, groups = {}, {}, []
-        for group, stats in _statistics_by_group(algorithm, original, layer, linears, streams):
-            groups += stats.groups if stats is not None else []
-            for name in group:
-                linear = linears[name]
-                full_name = f"{names[layer]}.{name}"
-                module, found = algorithm.compress_linear(full_name, linear, stats and stats.statistics(name))
-                entries[name] = _entry(full_name, linear, module, found)
-                if stats is not None:
-                    entries[name]["tokens"] = stats.tokens[name]
-                if module is not None:
-                    layer.set_submodule(name, module)
-                    replaced[name] = module
-        entries = {name: entries[name] for name in linears}  # the report in module order whatever the groups
-        matrices += entries.values()
-
-        report = {"layer": i, "input_stream": "compressed" if algorithm.sequential else "original"}
-        if getattr(algorithm, "true_sequential", False):
-            report["statistics_groups"] = groups
-        refined = None
-        if algorithm.sequential and replaced:
-            refined = algorithm.refine(original, layer, replaced, groups, entries, streams)
-        if refined is not None:
-            report.update(refined)
-        else:
-            if not algorithm.sequential:
-                streams.Xc = list(streams.X)  # measure this layer on the original stream
-            report["output_error"] = compare_layers(
-                original, layer, streams, advance_original=True, advance_compressed=algorithm.sequential
-            )
+        entries, report = compress_layer(layer, names[layer], i, streams, algorithm)
+        matrices += entries
         layer_reports.append(report)
-        log.debug("layer %d: %s", i, report)
 
     model.train(training)
     return {
-        "settings": {
-            **algorithm.settings(),
-            "calibration_sequences": sum(len(mask) for mask in masks),
-            "calibration_tokens": int(sum(mask.sum() for mask in masks)),
-        },
+        "settings": settings_report(algorithm, masks),
         "matrices": matrices,
         "layers": layer_reports,
         "totals": totals(sizes_before, sizes(model, layers)),

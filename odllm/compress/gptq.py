@@ -150,6 +150,25 @@ def gptq_quantize(
     return GPTQResult(codes, scales, zeros, Q, losses.sum().item(), damp_used, int(dead.sum()))
 
 
+def gptq_linear(
+    W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, bias: torch.Tensor | None = None,
+    block_size: int = 128, damp: float = 0.01, scale_dtype: str = "float16", static_groups: bool = False,
+    act_order: bool = False,
+) -> tuple[QuantLinear, GPTQResult]:
+    """GPTQ of ``W`` against ``H`` stored as the :class:`QuantLinear` holding exactly the codes and grids chosen (on
+    W's device), and the :class:`GPTQResult`. Shared by :class:`GPTQ` and the GPTQ-quantized low-rank factors
+    (``LowRankLinear.gptq_factors``)."""
+    result = gptq_quantize(
+        W, H, bits=bits, group_size=group_size, block_size=block_size, damp=damp,
+        scale_dtype=SCALE_DTYPES[scale_dtype], static_groups=static_groups, act_order=act_order,
+    )
+    module = QuantLinear.from_codes(
+        result.codes, result.scales, result.zeros, bits=bits, group_size=group_size, bias=bias,
+        scale_dtype=scale_dtype,
+    ).to(W.device)
+    return module, result
+
+
 def weighted_error(D: torch.Tensor, C: torch.Tensor) -> float:
     """||D X||_F^2 = tr(D C D^T) for C = X X^T: a weight change's output error on the calibration data."""
     D = D.double()
@@ -192,15 +211,11 @@ class GPTQ:
     def compress_linear(self, name: str, linear: nn.Linear, stats) -> tuple[nn.Module, dict]:
         W = linear.weight.detach()
         scale_dtype = SCALE_DTYPES[self.scale_dtype]
-        result = gptq_quantize(
+        module, result = gptq_linear(
             W, hessian(stats.covariance, stats.tokens), bits=self.bits, group_size=self.group_size,
-            block_size=self.block_size, damp=self.damp, scale_dtype=scale_dtype, static_groups=self.static_groups,
-            act_order=self.act_order,
+            bias=linear.bias, block_size=self.block_size, damp=self.damp, scale_dtype=self.scale_dtype,
+            static_groups=self.static_groups, act_order=self.act_order,
         )
-        module = QuantLinear.from_codes(
-            result.codes, result.scales, result.zeros, bits=self.bits, group_size=self.group_size,
-            bias=linear.bias, scale_dtype=self.scale_dtype,
-        ).to(W.device)
         codes, scales, zeros = rtn_quantize(W.double(), self.bits, self.group_size, scale_dtype)
         g = W.shape[1] // scales.shape[1]
         rtn = scales.repeat_interleave(g, 1) * (codes - zeros.repeat_interleave(g, 1))

@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from odllm.compress.gptq import gptq_linear, hessian
+from odllm.compress.grid import dequantize, rtn_quantize
 from odllm.compress.quant import QuantLinear
 
 # Jitter levels tried by cholesky_with_jitter, relative to the mean eigenvalue trace(C)/n.
@@ -72,18 +74,87 @@ class LowRankLinear(nn.Module):
     def out_features(self) -> int:
         return self.B.out_features
 
-    def quantize_factors(self, bits: int = 8) -> None:
-        """Stores A and B as ``bits``-bit integers, one min-max grid per row (odllm + int8, beyond the paper):
-        k(m+n) numbers in about a quarter of the float32 bytes. Packed storage and its loading come from
+    def quantize_factors(self, bits: int = 8, group_size: int = -1) -> None:
+        """Stores A and B as ``bits``-bit integers rounded to nearest, one min-max grid per row (``group_size=-1``)
+        or per group of columns (:func:`factor_group_size`): k(m+n) numbers in about a quarter (8 bits) or an
+        eighth (4 bits) of the float32 bytes. Packed storage and its loading come from
         :class:`odllm.compress.quant.QuantLinear`; compression.json lists the factors under their own names."""
-        self.A = QuantLinear.from_linear(self.A, bits)
-        self.B = QuantLinear.from_linear(self.B, bits)
+        self.A = QuantLinear.from_linear(self.A, bits, factor_group_size(group_size, self.in_features))
+        self.B = QuantLinear.from_linear(self.B, bits, factor_group_size(group_size, self.rank))
+
+    @torch.no_grad()
+    def gptq_factors(
+        self, W: torch.Tensor, Cc: torch.Tensor, tokens: int, *, K: torch.Tensor | None = None,
+        C: torch.Tensor | None = None, bits: int = 4, group_size: int = -1, damp: float = 0.01,
+        act_order: bool = True, ridge: float = 1e-4, refit_b: bool = True,
+    ) -> dict:
+        """Stores A and B as ``bits``-bit GPTQ codes (``odllm.compress.gptq``), aimed at the dense output W x.
+
+        ``Cc`` = sum x'x'^T of the inputs x' the module gets (the compressed stream after alignment), ``K`` = sum
+        x x'^T with the dense linear's inputs x and ``C`` = sum x x^T (both default to ``Cc``: one stream).
+        1. A by GPTQ against H_A = 2 Cc / tokens (exact for the output error when B^T B is diagonal, as the SVD
+           factors' B = U Sigma^1/2 is: the rows of A are then independent problems);
+        2. ``refit_b``: B absorbs A's rounding by ridge least squares on Â, B = W K Â^T (Â Cc Â^T + lambda I)^-1
+           (alignment's B step with Â), kept only if it lowers the error;
+        3. B by GPTQ against its own input's H_B = 2 Â Cc Â^T / tokens.
+        Returns the relative output errors E(M)/tr(W C W^T), E(M) = ||W X - M X'||^2, of the float factors, these
+        integer ones and round-to-nearest on the same grids (the ``quantize_factors`` way).
+        """
+        A, B = self.A.weight.double(), self.B.weight.double()
+        W, Cc = W.double(), Cc.double()
+        K = Cc if K is None else K.double()
+        C = Cc if C is None else C.double()
+        energy = ((W @ C) * W).sum().item() or 1.0
+        cross = W @ K  # [m, n]: E(M) = tr(M Cc M^T) - 2 tr(M K^T W^T) + tr(W C W^T)
+
+        def error(M: torch.Tensor) -> float:
+            return (((M @ Cc) * M).sum().item() - 2 * (M * cross).sum().item() + energy) / energy
+
+        k, n = A.shape
+        ga, gb = factor_group_size(group_size, n), factor_group_size(group_size, k)
+        settings = {"bits": bits, "damp": damp, "act_order": act_order}
+        qa, _ = gptq_linear(A, hessian(Cc, tokens), group_size=ga, **settings)
+        Aq = qa.dequantized_weight().double()
+        G = Aq @ Cc @ Aq.T  # sum of (Â x')(Â x')^T: B's input covariance
+        refit = False
+        if refit_b:
+            L, _ = cholesky_with_jitter(G + ridge * G.trace() / k * torch.eye(k, dtype=G.dtype, device=G.device))
+            B_refit = torch.cholesky_solve((cross @ Aq.T).T, L).T
+            refit = error(B_refit @ Aq) < error(B @ Aq)
+            B = B_refit if refit else B
+        bias = self.B.bias
+        qb, _ = gptq_linear(B, hessian(G, tokens), group_size=gb, bias=bias, **settings)
+        rtn = [dequantize(*rtn_quantize(F, bits, g), g).double() for F, g in ((A, ga), (self.B.weight.double(), gb))]
+        report = {
+            "quantizer": "gptq", "bits": bits, "group_size_A": ga, "group_size_B": gb, "b_refit_kept": refit,
+            "error_float_factors": error(self.B.weight.double() @ A),
+            "error": error(qb.dequantized_weight().double() @ Aq),
+            "error_rtn": error(rtn[1] @ rtn[0]),
+        }
+        self.A, self.B = qa.to(self.B.weight.device), qb.to(self.B.weight.device)
+        return report
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.B(self.A(x))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+def factor_group_size(group_size: int, width: int) -> int:
+    """The group a factor of ``width`` input columns is quantized in for a requested ``group_size``: -1 (one grid per
+    row) when asked or when the row fits in one group; else the largest divisor of ``width`` in
+    [group_size / 2, group_size], or failing that the smallest divisor above it (a rank such as 93 = 3 x 31 gets
+    31 for 32; a prime rank one grid per row). Ranks are arbitrary, so a fixed size rarely divides them."""
+    if group_size == -1 or group_size >= width:
+        return -1
+    if group_size < 1:
+        raise ValueError(f"factor group_size={group_size}; use a positive number of columns or -1 (one per row)")
+    below = [d for d in range(group_size, (group_size + 1) // 2 - 1, -1) if d >= 1 and width % d == 0]
+    if below:
+        return below[0]
+    above = next(d for d in range(group_size + 1, width + 1) if width % d == 0)
+    return -1 if above == width else above
 
 
 def check_ratio(ratio: float) -> float:

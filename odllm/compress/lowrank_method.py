@@ -1,4 +1,4 @@
-"""The low-rank method family: odllm (OD-LLM), svd, svd_whiten, svd_align, asvd, odllm_b, odllm_int8.
+"""The low-rank method family: odllm (OD-LLM), svd, svd_whiten, svd_align, asvd, odllm_b, odllm_int8, odllm_gptq4/8.
 
 OD-LLM (:class:`LowRank`), per decoder layer i:
 
@@ -27,7 +27,7 @@ from odllm.compress.allocation import IMPORTANCE, choose_ranks
 from odllm.compress.driver import Streams, compare_layers, compress_layers
 from odllm.compress.grid import check_bits
 from odllm.compress.lowrank import LowRankLinear, cholesky_with_jitter, factorize, rank_for_ratio, singular_values
-from odllm.compress.statistics import LinearStatistics
+from odllm.compress.statistics import LinearStatistics, capture_inputs, product
 from odllm.compress.storage import storage
 
 log = logging.getLogger(__name__)
@@ -175,42 +175,102 @@ class LowRank:
         return align_layer(original, layer, replaced, groups, entries, streams, self.ridge, self.align)
 
 
+FACTOR_QUANTIZERS = ("rtn", "gptq")  # QuantizedLowRank's ``factor_quantizer`` choices
+
+
 @dataclasses.dataclass
 class QuantizedLowRank(LowRank):
-    """odllm + int8 (beyond the paper): :class:`LowRank`, then each factor stored as ``factor_bits``-bit integers
-    with one grid per row (``LowRankLinear.quantize_factors``).
+    """odllm + integer factors (beyond the paper): :class:`LowRank`, then each factor stored as ``factor_bits``-bit
+    integers on min-max grids per row or per group of ``factor_group_size`` columns (clipped to the factor's width,
+    ``odllm.compress.lowrank.factor_group_size``), chosen by round-to-nearest (``factor_quantizer=rtn``,
+    ``LowRankLinear.quantize_factors``) or by GPTQ (``gptq``, ``LowRankLinear.gptq_factors``: A against the input
+    covariance C', B refit on Â and then against Â C' Â^T).
 
     A layer's factors are quantized once they are final (after its alignment) and before the compressed stream
-    moves on, so layer i+1 is aligned to what the quantized layers 0..i really produce.
+    moves on, so layer i+1 is aligned to what the quantized layers 0..i really produce. With GPTQ the layer's input
+    groups ([q,k,v], [o], [gate,up], [down]) go in order, each group's C' and K = sum x x'^T summed on the layer
+    with the earlier groups already quantized (true-sequential, as GPTQ's own loop).
     """
 
     factor_bits: int = 8
+    factor_group_size: int = -1  # -1 = one grid per row
+    factor_quantizer: str = "rtn"
+    factor_damp: float = 0.01  # gptq: damping of H, relative to its mean diagonal
+    factor_act_order: bool = True  # gptq: columns by decreasing H_jj
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_bits(self.factor_bits)
+        if self.factor_quantizer not in FACTOR_QUANTIZERS:
+            raise ValueError(f"factor_quantizer={self.factor_quantizer!r}; choose one of {list(FACTOR_QUANTIZERS)}")
+        if self.factor_group_size != -1 and self.factor_group_size < 1:
+            raise ValueError(f"factor_group_size={self.factor_group_size}; use a number of columns >= 1 or -1 (row)")
 
     def settings(self) -> dict:
-        storage = f"int{self.factor_bits} low-rank factors (codes + float16 scale and zero point per row)"
-        return {**super().settings(), "factor_bits": self.factor_bits, "storage": storage}
+        grid = "row" if self.factor_group_size == -1 else f"group of up to {self.factor_group_size} columns"
+        how = "" if self.factor_quantizer == "rtn" else "GPTQ, "
+        storage = f"int{self.factor_bits} low-rank factors ({how}codes + float16 scale and zero point per {grid})"
+        settings = {**super().settings(), "factor_bits": self.factor_bits, "storage": storage}
+        if (self.factor_quantizer, self.factor_group_size) != ("rtn", -1):  # odllm_int8 keeps its report
+            settings.update(factor_group_size=self.factor_group_size, factor_quantizer=self.factor_quantizer)
+            if self.factor_quantizer == "gptq":
+                settings.update(factor_damp=self.factor_damp, factor_act_order=self.factor_act_order)
+        return settings
+
+    def _quantize(self, module: LowRankLinear, W: torch.Tensor, Cc, tokens, K=None, C=None) -> dict | None:
+        if self.factor_quantizer == "rtn":
+            module.quantize_factors(self.factor_bits, self.factor_group_size)
+            return None
+        return module.gptq_factors(W, Cc, tokens, K=K, C=C, bits=self.factor_bits, group_size=self.factor_group_size,
+                                   damp=self.factor_damp, act_order=self.factor_act_order, ridge=self.ridge)
 
     def compress_linear(self, name, linear, stats):
         module, entry = super().compress_linear(name, linear, stats)
         if module is not None and not self.sequential:  # no alignment follows: the factors are final
-            module.quantize_factors(self.factor_bits)
+            found = self._quantize(module, linear.weight, stats.covariance, stats.tokens)
+            if found is not None:
+                entry["factor_quantization"] = found
         return module, entry
 
     def refine(self, original, layer, replaced, groups, entries, streams) -> dict:
-        inputs = list(streams.Xc)  # the layer's input: the refit advances the stream with float factors
+        # the layer's inputs on both streams: the refit advances them with float factors
+        inputs, originals = list(streams.Xc), list(streams.X)
         report = super().refine(original, layer, replaced, groups, entries, streams)
+        if self.factor_quantizer == "rtn":
+            for module in replaced.values():
+                module.quantize_factors(self.factor_bits, self.factor_group_size)
+        else:
+            before = Streams(originals, inputs, streams.kwargs, streams.masks)
+            for group in groups:  # in call order: each group's statistics with the earlier groups quantized
+                members = {name: replaced[name] for name in group if name in replaced}
+                if members:
+                    for name, found in self._quantize_group(original, layer, members, before).items():
+                        entries[name]["factor_quantization"] = found
         for name, module in replaced.items():
-            module.quantize_factors(self.factor_bits)
             entries[name]["bytes_after"] = storage([module])["bytes"]
         redo = Streams(streams.X, inputs, streams.kwargs, streams.masks)  # X already holds the original outputs
         report["output_error_float_factors"] = report["output_error"]
         report["output_error"] = compare_layers(None, layer, redo, advance_compressed=True)
         streams.Xc = redo.Xc
         return report
+
+    def _quantize_group(self, original, layer, members: dict, streams: Streams) -> dict:
+        """GPTQ of the factors of ``members`` (linears sharing one input) from C' = sum x'x'^T (the compressed
+        stream through ``layer``), K = sum x x'^T and C = sum x x^T (x: the dense input through ``original``)."""
+        first = next(iter(members))
+        dense = original.get_submodule(first)
+        n = dense.in_features
+        Cc, K, C = (torch.zeros(n, n, dtype=torch.float64, device=dense.weight.device) for _ in range(3))
+        tokens = 0
+        for x, xc, kw, mask in streams:
+            a = capture_inputs(original, x, kw, {first: dense}, mask)[first]
+            b = capture_inputs(layer, xc, kw, {first: members[first]}, mask)[first]
+            Cc += product(b, b)
+            K += product(a, b)
+            C += product(a, a)
+            tokens += len(b)
+        return {name: self._quantize(module, original.get_submodule(name).weight, Cc, tokens, K, C)
+                for name, module in members.items()}
 
 
 def compress_model(

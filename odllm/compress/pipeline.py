@@ -8,6 +8,7 @@ evaluation of both models, and the saved compressed model.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import random
 import time
@@ -21,8 +22,9 @@ from odllm.compress.driver import compress_layers
 from odllm.compress.embeddings import compress_embeddings
 from odllm.compress.heal import heal
 from odllm.compress.lowrank_method import LowRank
-from odllm.compress.registry import build_algorithm, model_tag, uses_ratio
-from odllm.compress.saved import save_compression_config
+from odllm.compress.registry import algorithm_name, build_algorithm, model_tag, uses_ratio
+from odllm.compress.saved import load_recommender, save_compression_config
+from odllm.compress.streamed import ShardReader, compress_streamed, skeleton
 from odllm.compress.spectra import plot_ranks, plot_spectra
 from odllm.data.batches import left_pad
 from odllm.data.dataset import DatasetSource, Split, leave_one_out, load_dataset
@@ -31,7 +33,7 @@ from odllm.eval.metrics import format_metrics
 from odllm.eval.protocol import EvalSettings, check_items, fidelity, popularity_baseline, public, score_examples
 from odllm.files import write_json
 from odllm.model.backbone import memory_summary
-from odllm.model.recommender import COMPRESSION_FILE, Recommender, check_dataset
+from odllm.model.recommender import COMPRESSION_FILE, META_FILE, SHARD_INDEX, Recommender, check_dataset
 from odllm.versions import package_versions
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,9 @@ class CompressionJob:
     config: dict = field(default_factory=dict)  # the whole resolved config, recorded in metrics.json
     evaluate: bool = True  # compress_eval: false compresses and saves only (evaluate.py scores the model later)
     test_users_note: str = "all test users"  # which users split.test holds (odllm.eval.protocol.sample_test_users)
+    stream: bool = False  # read the checkpoint one decoder layer at a time (odllm.compress.streamed)
+    device: str = "cpu"  # where a streamed run computes (the in-memory path uses the dense model's device)
+    baseline_rss: int | None = None  # the process's RSS before any model was read (streamed memory account)
 
 
 def calibration_batches(
@@ -96,6 +101,34 @@ def compressed_model_dir(models_dir: str | Path, dataset: str, method: str | Map
     return Path(models_dir) / "-".join(part for part in (dataset, name, tag) if part)
 
 
+STREAM_AUTO_BYTES = 2**30  # stream=auto streams a sharded checkpoint whose weights exceed this (1 GiB)
+
+
+def streaming_refusal(method: Mapping) -> str | None:
+    """Why ``method`` cannot run layer-streamed (it needs the whole model resident), or None."""
+    if method.get("heal"):
+        return "heal distils the whole compressed model towards the whole dense one"
+    if method.get("allocation") == "loss":
+        return "allocation=loss ranks every matrix of the dense model before the first layer is compressed"
+    if algorithm_name(method) == "bnb":
+        return "bitsandbytes modules are built and saved through the whole-model path only"
+    return None
+
+
+def should_stream(model_dir: str | Path, stream: bool | str, method: Mapping) -> bool:
+    """``stream``: true, false or "auto" (a checkpoint with a shard index whose weights exceed
+    :data:`STREAM_AUTO_BYTES`, unless the method needs the whole model). stream=true with such a method is an
+    error naming stream=false."""
+    refusal = streaming_refusal(method)
+    if stream is True and refusal:
+        raise ValueError(f"method {method['name']!r} cannot run with stream=true: {refusal}; use stream=false "
+                         "(the whole model in memory)")
+    if stream != "auto":
+        return bool(stream)
+    size = _safetensors_bytes(model_dir) or 0
+    return (Path(model_dir) / SHARD_INDEX).exists() and size > STREAM_AUTO_BYTES and refusal is None
+
+
 def _safetensors_bytes(directory: str | Path | None) -> int | None:
     """Bytes of the weight files in a saved model directory (None when there is none)."""
     files = list(Path(directory).glob("*.safetensors")) if directory else []
@@ -124,6 +157,96 @@ def compress_recommender(
     batches = calibration_batches(
         dense.encoder, split, job.calibration, max_history=job.max_history, seed=job.seed, pad_id=pad_id
     )
+    about = {"method": method["name"], "ratio": ratio, "settings": dict(method)}
+    target = compressed_model_dir(job.models_dir, job.dataset, method, ratio)
+    started = time.perf_counter()
+    if job.stream:
+        refusal = streaming_refusal(method)
+        if refusal:
+            raise ValueError(f"method {method['name']!r} cannot be streamed: {refusal}; use stream=false")
+        report, model_dir = compress_streamed(
+            dense.meta["model_dir"], target, batches, algorithm, embeddings=method.get("embeddings"),
+            write_extra=lambda d: _write_recommender_files(dense, {**dense.meta, "compression": about}, d),
+            device=job.device, progress=job.eval.progress, baseline_rss=job.baseline_rss,
+        )
+        seconds = time.perf_counter() - started
+        log.info("compressed with %s (%s), streamed layer by layer, in %.1f s", method["name"],
+                 model_tag(method, ratio) or "defaults", seconds)
+        healing = dense_result = close = result = None
+        summary = {**memory_summary(dense.model), "device": str(job.device)}
+        if job.evaluate:  # the compressed model, read back shard by shard; the dense one is never resident
+            compressed = load_recommender(model_dir, device=job.device)
+            result = score_examples(compressed.model, dense.encoder, dense.trie(), split.test, job.eval, pad_id,
+                                    desc=method["name"])
+            summary = memory_summary(compressed.model)
+            del compressed
+    else:
+        report, model_dir, seconds, healing, dense_result, result, close, summary = _compress_in_memory(
+            dense, split, method, job, algorithm, batches, target, about, dense_result)
+    sizes = report["totals"]
+    sizes["disk"] = {  # the safetensors files as saved: what a device has to store and load
+        "bytes_before": _safetensors_bytes(dense.meta.get("model_dir")),
+        "bytes_after": _safetensors_bytes(model_dir),
+    }
+    if isinstance(algorithm, LowRank):
+        plot_spectra(report, output_dir / "spectra.png")
+        if algorithm.ranks is not None:
+            plot_ranks(report, output_dir / "ranks.png")
+    report.pop("spectra")  # plotted; too bulky for the JSON report
+    payload = {
+        "dataset": job.dataset,
+        "method": dict(method),
+        "ratio": ratio,
+        "model_dir": str(model_dir),
+        "dense_model_dir": dense.meta.get("model_dir"),
+        "compress_seconds": round(seconds, 1),
+        "heal": healing,
+        "calibration_sequences": job.calibration.size,
+        "storage": report["settings"].get("storage", f"{summary['dtype']} weights (low-rank factors "
+                                                     "where factorised)"),
+        "sizes": sizes,
+        "evaluation": _evaluation_note(job, model_dir),
+        "test_users": len(split.test),
+        "test_users_note": job.test_users_note,
+        "dense": public(dense_result) if dense_result is not None else None,
+        "test": public(result) if job.evaluate else None,
+        "fidelity": close,
+        "popularity": popularity_baseline(split, dense.encoder, split.test, job.eval.ks),
+        "resources": {**summary, "compress_seconds": round(seconds, 1)},
+        "stream": job.stream,
+        "memory": report.get("memory"),  # streamed: RSS and the bytes of each part
+        "versions": package_versions(),
+        "config": job.config,
+    }
+    write_json(output_dir / "compression_report.json", report)
+    write_json(output_dir / "metrics.json", payload)
+    if not job.evaluate:
+        log.info("saved %s without evaluation (compress_eval=false): python evaluate.py model_dir=%s", method["name"],
+                 model_dir)
+        return payload
+    if dense_result is not None:
+        log.info("dense       %s", format_metrics(dense_result["metrics"]))
+    log.info("%-11s %s", method["name"], format_metrics(result["metrics"]))
+    if close is not None:
+        log.info("KL to dense %.4f, top-10 overlap %.3f", close["kl"], close["top10_overlap"])
+    return payload
+
+
+def _evaluation_note(job: CompressionJob, model_dir: Path) -> str:
+    later = f"python evaluate.py model_dir={model_dir}"
+    if not job.evaluate:
+        return f"skipped (compress_eval=false): score it later with {later}"
+    if job.stream:
+        return ("compressed model only, reloaded shard by shard (stream=true: the dense model is never resident; "
+                "score it with python evaluate.py model_dir=<the dense model>)")
+    return "done"
+
+
+def _compress_in_memory(dense: Recommender, split: Split, method: Mapping, job: CompressionJob, algorithm,
+                        batches: list[dict], target: Path, about: dict, dense_result: dict | None) -> tuple:
+    """Compress a copy of the resident dense model, heal it, evaluate both, save it (the whole-model path)."""
+    pad_id = dense.tokenizer.pad_token_id
+    ratio = about["ratio"]
     started = time.perf_counter()
     model = copy.deepcopy(dense.model)
     if isinstance(algorithm, LowRank):
@@ -152,54 +275,16 @@ def compress_recommender(
             dense_result["_recommendations"].top_codes, result["_recommendations"].top_codes,
             template=job.eval.template, batch_size=job.eval.batch_size, pad_id=pad_id,
         )
-    about = {"method": method["name"], "ratio": ratio, "settings": dict(method)}
     compressed = Recommender(model, dense.tokenizer, dense.item_codes, {**dense.meta, "compression": about})
-    model_dir = compressed.save(compressed_model_dir(job.models_dir, job.dataset, method, ratio),
-                                extra=lambda d: save_compression_config(model, d))
-    sizes = report["totals"]
-    sizes["disk"] = {  # the safetensors files as saved: what a device has to store and load
-        "bytes_before": _safetensors_bytes(dense.meta.get("model_dir")),
-        "bytes_after": _safetensors_bytes(model_dir),
-    }
-    if isinstance(algorithm, LowRank):
-        plot_spectra(report, output_dir / "spectra.png")
-        if algorithm.ranks is not None:
-            plot_ranks(report, output_dir / "ranks.png")
-    report.pop("spectra")  # plotted; too bulky for the JSON report
-    payload = {
-        "dataset": job.dataset,
-        "method": dict(method),
-        "ratio": ratio,
-        "model_dir": str(model_dir),
-        "dense_model_dir": dense.meta.get("model_dir"),
-        "compress_seconds": round(seconds, 1),
-        "heal": healing,
-        "calibration_sequences": job.calibration.size,
-        "storage": report["settings"].get("storage", f"{memory_summary(model)['dtype']} weights (low-rank factors "
-                                                     "where factorised)"),
-        "sizes": sizes,
-        "evaluation": "done" if job.evaluate else (
-            f"skipped (compress_eval=false): score it later with python evaluate.py model_dir={model_dir}"),
-        "test_users": len(split.test),
-        "test_users_note": job.test_users_note,
-        "dense": public(dense_result) if job.evaluate else None,
-        "test": public(result) if job.evaluate else None,
-        "fidelity": close,
-        "popularity": popularity_baseline(split, dense.encoder, split.test, job.eval.ks),
-        "resources": {**memory_summary(model), "compress_seconds": round(seconds, 1)},
-        "versions": package_versions(),
-        "config": job.config,
-    }
-    write_json(output_dir / "compression_report.json", report)
-    write_json(output_dir / "metrics.json", payload)
-    if not job.evaluate:
-        log.info("saved %s without evaluation (compress_eval=false): python evaluate.py model_dir=%s", method["name"],
-                 model_dir)
-        return payload
-    log.info("dense       %s", format_metrics(dense_result["metrics"]))
-    log.info("%-11s %s", method["name"], format_metrics(result["metrics"]))
-    log.info("KL to dense %.4f, top-10 overlap %.3f", close["kl"], close["top10_overlap"])
-    return payload
+    model_dir = compressed.save(target, extra=lambda d: save_compression_config(model, d))
+    return report, model_dir, seconds, healing, dense_result, result, close, memory_summary(model)
+
+
+def _write_recommender_files(dense: Recommender, meta: dict, directory: Path) -> None:
+    """What ``Recommender.save`` writes besides the weights and config: tokenizer, item index, odllm.json."""
+    dense.tokenizer.save_pretrained(directory)
+    dense.item_codes.save(directory)
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def load_dense(

@@ -1,7 +1,8 @@
 """The ``method`` config group -> the per-layer algorithm that :func:`odllm.compress.driver.compress_layers` runs.
 
 - ``lowrank``: odllm, svd, svd_whiten, svd_align, asvd (whiten: true / false / asvd, align, ridge, alpha;
-  the top-level ``ratio``); with ``factor_bits`` (odllm_int8) the factors are then stored as integers;
+  the top-level ``ratio``); with ``factor_bits`` (odllm_int8, odllm_gptq4, odllm_gptq8) the factors are then
+  stored as integers (``factor_quantizer``: rtn or gptq, ``factor_group_size``);
   ``allocation: loss`` (odllm_alloc; importance, sensitivity_prompts) shares the ratio's parameter total out by
   loss per parameter (``LowRank.allocate`` runs before the layer loop);
 - ``gptq``: gptq, gptq8 (bits, group_size, block_size, damp, scale_dtype, static_groups, act_order,
@@ -33,10 +34,14 @@ from odllm.compress.sparsegpt import SparseGPT
 ALGORITHMS = ("lowrank", "gptq", "sparsegpt", "bnb")
 KNOWN_METHODS = {
     "odllm": "lowrank", "odllm_b": "lowrank", "svd": "lowrank", "svd_whiten": "lowrank", "svd_align": "lowrank",
-    "asvd": "lowrank", "odllm_int8": "lowrank", "odllm_alloc": "lowrank",
+    "asvd": "lowrank", "odllm_int8": "lowrank", "odllm_alloc": "lowrank", "odllm_gptq4": "lowrank",
+    "odllm_gptq8": "lowrank",
     "gptq": "gptq", "gptq8": "gptq", "sparsegpt": "sparsegpt", "sparsegpt24": "sparsegpt",
     "bnb_int8": "bnb", "bnb_nf4": "bnb",
 }
+# The integer factors (quantizer, bits, group size) a method's name already stands for: its directory name then
+# carries no factor tag (odllm_int8 keeps ``r0.5``); other factor settings add one (``r0.5-rtn4row``).
+NAMED_FACTORS = {"odllm_int8": ("rtn", 8, -1), "odllm_gptq4": ("gptq", 4, 128), "odllm_gptq8": ("gptq", 8, -1)}
 # run by odllm.compress.pipeline (heal, embeddings), not settings of the per-layer algorithm
 NOT_SETTINGS = ("name", "algorithm", "heal", "embeddings")
 
@@ -91,12 +96,25 @@ def build_algorithm(method: Mapping, ratio: float | None = None) -> LayerAlgorit
     return cls(**settings)
 
 
+def factor_tag(method: Mapping) -> str:
+    """Integer low-rank factors in a directory name: ``<rtn|gptq><bits><row|g<size>>`` (rtn8row, gptq4g128), or
+    nothing for float factors and for the factor settings the method's name stands for (:data:`NAMED_FACTORS`)."""
+    if method.get("factor_bits") is None:
+        return ""
+    group = method.get("factor_group_size", -1)
+    factors = (method.get("factor_quantizer", "rtn"), method["factor_bits"], group)
+    if NAMED_FACTORS.get(method.get("name")) == factors:
+        return ""
+    return f"{factors[0]}{factors[1]}" + ("row" if group == -1 else f"g{group}")
+
+
 def model_tag(method: Mapping, ratio: float | None) -> str:
     """What tells runs of one method apart in a directory name: r0.5, w4g128, w8row, s0.5, 2of4 (bnb: nothing),
-    followed by ``emb8`` when the embeddings are int8 (r0.5-emb8, emb8)."""
+    then the integer factors of a low-rank method when its name does not say them (r0.5-rtn4row,
+    r0.5-gptq4g32: :func:`factor_tag`), and ``emb8`` when the embeddings are int8 (r0.5-emb8, emb8)."""
     algorithm = algorithm_name(method)
     if algorithm == "lowrank":
-        tag = f"r{ratio:g}"
+        tag = "-".join(filter(None, [f"r{ratio:g}", factor_tag(method)]))
     elif algorithm == "gptq":
         group = method.get("group_size", 128)
         tag = f"w{method.get('bits', 4)}" + ("row" if group == -1 else f"g{group}")

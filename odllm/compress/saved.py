@@ -32,9 +32,12 @@ def compression_specs(model: nn.Module) -> dict[str, dict]:
 
 def save_compression_config(model: nn.Module, directory: str | Path) -> Path:
     """Writes ``compression.json``: per compressed module its spec; a low-rank module as its bare rank."""
-    specs = {
-        name: spec["rank"] if spec["kind"] == "lowrank" else spec for name, spec in compression_specs(model).items()
-    }
+    return write_compression_config(compression_specs(model), directory)
+
+
+def write_compression_config(specs: dict[str, dict], directory: str | Path) -> Path:
+    """``compression.json`` from module specs (:func:`compression_specs`, gathered layer by layer when streamed)."""
+    specs = {name: spec["rank"] if spec["kind"] == "lowrank" else spec for name, spec in specs.items()}
     path = Path(directory) / COMPRESSION_FILE
     path.write_text(json.dumps(specs, indent=2))
     return path
@@ -61,20 +64,18 @@ def module_class(kind: str) -> type:
     raise ValueError(f"{COMPRESSION_FILE} names an unknown module kind {kind!r}; known kinds: {list(MODULE_KINDS)}")
 
 
-def _read_safetensors(directory: Path, fix: str) -> dict[str, torch.Tensor]:
+def _shard_files(directory: Path, fix: str) -> list[str]:
+    """The weight files of a saved model: those its shard index names, else ``model.safetensors``."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         with reading(index, fix):
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     else:
         files = ["model.safetensors"]
-    state = {}
     for file in files:
         if not (directory / file).exists():
             raise SavedModelError(f"{directory / file} is missing (weights are saved as safetensors); {fix}")
-        with reading(directory / file, fix):
-            state.update(load_file(directory / file))
-    return state
+    return files
 
 
 def read_compression_config(directory: Path, fix: str) -> dict[str, dict]:
@@ -112,7 +113,8 @@ def load_compressed(directory: str | Path) -> nn.Module:
     entries = read_compression_config(directory, fix)
     with reading(directory / "config.json", fix):
         config = AutoConfig.from_pretrained(directory)
-        model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype(config))
+        with torch.device("meta"):  # no memory until a shard's tensors are assigned
+            model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype(config))
     # parents are rebuilt before modules nested in them
     for name, spec in sorted(entries.items(), key=lambda item: item[0].count(".")):
         try:
@@ -125,24 +127,56 @@ def load_compressed(directory: str | Path) -> nn.Module:
                                   f"Linear or Embedding; {fix}")
         with reading(directory / COMPRESSION_FILE, fix):
             model.set_submodule(name, module_class(spec["kind"]).empty(linear, spec))
-    for module in model.modules():  # a module that uses another one (the tied int8 head) finds it now
-        if callable(getattr(module, "bind", None)):
-            module.bind(model)
-    state = _read_safetensors(directory, fix)
-    missing, unexpected = model.load_state_dict(state, strict=False)
     aliases = defaultdict(list)  # tied weights are saved once, under one of their names
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases[id(p)].append(name)
-    loaded = {name for names in aliases.values() if any(n in state for n in names) for name in names}
-    missing = [key for key in missing if key not in loaded]
+    expected = set(model.state_dict(keep_vars=True))
+    loaded, unexpected = set(), []
+    for file in _shard_files(directory, fix):  # one shard in memory at a time
+        with reading(directory / file, fix):
+            state = load_file(directory / file)
+        unexpected += [key for key in state if key not in expected]
+        model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
+        loaded.update(k for k in state if k in expected)
+        del state
+    for names in aliases.values():  # assign=True replaced the loaded name's parameter: tie the others to it
+        found = [n for n in names if n in loaded]
+        if found and len(names) > 1:
+            shared = model.get_parameter(found[0])
+            for other in names:
+                if other not in loaded:
+                    owner, _, short = other.rpartition(".")
+                    setattr(model.get_submodule(owner), short, shared)
+                    loaded.add(other)
+    missing = sorted(expected - loaded)
     if missing or unexpected:
         raise SavedModelError(
             f"{directory} does not match {COMPRESSION_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}; {fix}"
         )
+    _rebuild_computed_buffers(model, config)
+    for module in model.modules():  # a module that uses another one (the tied int8 head) finds it now
+        if callable(getattr(module, "bind", None)):
+            module.bind(model)
     if (directory / "generation_config.json").exists():  # as from_pretrained would
         with reading(directory / "generation_config.json", fix):
             model.generation_config = GenerationConfig.from_pretrained(directory)
     return model.eval()
+
+
+def _rebuild_computed_buffers(model: nn.Module, config) -> None:
+    """Modules whose buffers are computed, not saved (a rotary module's ``inv_freq``), built again from the
+    config: the meta skeleton left them empty."""
+    for name, module in list(model.named_modules()):
+        if name and any(b.is_meta for b in module.buffers(recurse=False)):
+            try:
+                fresh = type(module)(config=getattr(module, "config", config))
+            except Exception as e:
+                raise SavedModelError(f"{name} ({type(module).__name__}) holds buffers that are neither saved nor "
+                                      f"computable from config.json: {e}") from e
+            model.set_submodule(name, fresh)
+    left = [name for name, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise SavedModelError(f"buffers {left[:3]} were neither saved nor rebuilt")
 
 
 def load_recommender(directory: str | Path, device: torch.device | str | None = None) -> Recommender:

@@ -1,0 +1,408 @@
+"""Layer-streamed compression: a safetensors checkpoint compressed one decoder layer at a time.
+
+The dense model is never resident. A skeleton is built on the ``meta`` device from config.json; only the
+modules outside the decoder layers (embeddings, final norm, lm_head, the rotary module, whose non-persistent
+``inv_freq`` is rebuilt on the device) are read from the shards. The calibration batches go through the skeleton
+up to layer 0 (:func:`odllm.compress.driver.layer_inputs`: the layers are never run), then per layer i:
+
+1. its tensors are read from the shards (``safe_open``, tensor by tensor, by the index's ``weight_map``) into a
+   copy of the meta layer, in the dtype config.json names;
+2. :func:`odllm.compress.driver.compress_layer` compresses it and advances both streams: the same code as the
+   in-memory path, so the factors, codes and numbers are the same;
+3. its tensors go to ``model-<i+1>-of-<n+1>.safetensors`` in a work directory ``.<name>.partial`` beside the
+   target, its report entries to ``layer-<i>.json``, both streams to ``streams-<i>.pt`` and ``progress.json`` is
+   rewritten last (the commit point); then the layer is freed.
+
+A killed run re-run with the same command resumes after the last committed layer (the streams it saved are the
+exact inputs of the next layer, so the result equals an uninterrupted run); a work directory of another run
+(other method, calibration or checkpoint: ``progress.json`` holds a fingerprint) is discarded. At the end the
+modules outside the layers (int8 with ``embeddings: int8``) go to the last shard, the index, compression.json,
+config, tokenizer and item index are added, and the directory is swapped in atomically
+(:func:`odllm.files.write_directory_atomically`).
+
+Peak memory: the embeddings and head, one dense layer and its compressed modules, the two streams and one group
+of linears' statistics (and what the method builds from them), whatever the depth. ``memory`` in the report
+accounts for each part.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from odllm.compress.driver import (
+    LayerAlgorithm,
+    Streams,
+    calibration_masks,
+    compress_layer,
+    decoder_layers,
+    layer_inputs,
+    settings_report,
+    validate_layer,
+)
+from odllm.compress.embeddings import compress_embeddings
+from odllm.compress.saved import compression_specs, saved_dtype, write_compression_config
+from odllm.compress.statistics import input_groups
+from odllm.compress.storage import sizes, storage, totals
+from odllm.files import write_directory_atomically, write_file_atomically, write_json
+from odllm.model.recommender import SHARD_INDEX, SavedModelError, reading, rewrite_hint
+
+log = logging.getLogger(__name__)
+
+PROGRESS = "progress.json"
+
+
+# ------------------------------------------------------------------------------------------- reading the shards
+class ShardReader:
+    """The tensors of a safetensors checkpoint (``model.safetensors.index.json`` + shards, or one
+    ``model.safetensors``), read by name, one tensor at a time."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.fix = rewrite_hint(self.directory)
+        index = self.directory / SHARD_INDEX
+        if index.exists():
+            with reading(index, self.fix):
+                self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (self.directory / "model.safetensors").exists():
+            with reading(self.directory / "model.safetensors", self.fix), self._open("model.safetensors") as f:
+                self.weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+        else:
+            raise SavedModelError(f"{self.directory} holds neither {SHARD_INDEX} nor model.safetensors: streamed "
+                                  f"compression reads safetensors checkpoints; {self.fix}")
+        for file in sorted(set(self.weight_map.values())):
+            if not (self.directory / file).is_file():
+                raise SavedModelError(f"{self.directory / file} is missing (weights are saved as safetensors; "
+                                      f"{SHARD_INDEX} names it); {self.fix}")
+
+    def _open(self, file: str):
+        return safe_open(self.directory / file, framework="pt")
+
+    def read(self, names: list[str], dtype: dict[str, torch.dtype] | None = None) -> dict[str, torch.Tensor]:
+        """``names`` from their shards, each cast to ``dtype[name]`` when given (floating tensors only)."""
+        missing = [name for name in names if name not in self.weight_map]
+        if missing:
+            raise SavedModelError(f"{self.directory} lacks {len(missing)} weights the model in config.json has "
+                                  f"(e.g. {missing[:3]}); {self.fix}")
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        tensors = {}
+        for file, wanted in by_file.items():
+            with reading(self.directory / file, self.fix), self._open(file) as f:
+                for name in wanted:
+                    t = f.get_tensor(name)
+                    want = (dtype or {}).get(name)
+                    tensors[name] = t.to(want) if want is not None and t.is_floating_point() else t
+        return tensors
+
+
+def _prefix(model: nn.Module, layers: nn.ModuleList) -> str:
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
+def outside_roots(module: nn.Module, layers: nn.ModuleList) -> Iterator[nn.Module]:
+    """The outermost modules of ``module`` that do not hold the decoder layers (embeddings, norm, head, rotary)."""
+    for child in module.children():
+        if child is layers:
+            continue
+        if any(m is layers for m in child.modules()):
+            yield from outside_roots(child, layers)
+        else:
+            yield child
+
+
+def _rebuild_buffers(module: nn.Module, config, device: torch.device) -> nn.Module:
+    """A module whose non-persistent buffers (a rotary module's ``inv_freq``) are still on the meta device, built
+    again on ``device`` from the config (those buffers are computed, never saved)."""
+    if not any(b.is_meta for b in module.buffers()):
+        return module
+    try:
+        with torch.device(device):
+            fresh = type(module)(config=getattr(module, "config", config))
+    except Exception as e:
+        raise TypeError(f"{type(module).__name__} holds buffers that are not saved in the checkpoint and cannot be "
+                        f"rebuilt from the config ({e}); compress this model with stream=false") from e
+    return fresh
+
+
+def skeleton(directory: str | Path) -> nn.Module:
+    """The model config.json describes, on the meta device (no memory), in the dtype config.json names."""
+    directory = Path(directory)
+    fix = rewrite_hint(directory)
+    with reading(directory / "config.json", fix):
+        config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=saved_dtype(config))
+    return model.eval()
+
+
+def _expected(module: nn.Module) -> dict[str, torch.dtype]:
+    """Name -> dtype of every tensor ``module`` saves (tied ones under each name)."""
+    return {name: t.dtype for name, t in module.state_dict(keep_vars=True).items()}
+
+
+def materialise_outside(model: nn.Module, reader: ShardReader, device: torch.device) -> None:
+    """Reads every tensor outside the decoder layers onto ``device``; a tied head shares the embedding again."""
+    layers = decoder_layers(model)
+    prefix = _prefix(model, layers) + "."
+    wanted = {name: dtype for name, dtype in _expected(model).items() if not name.startswith(prefix)}
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    head_names = [n for n, m in model.named_modules() if m is head]
+    head_key = f"{head_names[0]}.weight" if head_names else None
+    tied = head is not None and (head.weight is embedding.weight or (
+        getattr(model.config, "tie_word_embeddings", False) and head_key not in reader.weight_map))
+    if tied and head_key not in reader.weight_map:
+        wanted.pop(head_key, None)  # saved once, under the embedding's name
+    state = {name: t.to(device) for name, t in reader.read(list(wanted), wanted).items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied and head_key not in state:
+        head.weight = embedding.weight
+    for name, module in list(model.named_modules()):
+        if name and not name.startswith(prefix) and module is not layers:
+            if any(b.is_meta for b in module.buffers(recurse=False)):
+                model.set_submodule(name, _rebuild_buffers(module, model.config, device))
+    left = [n for root in outside_roots(model, layers) for n, t in root.state_dict(keep_vars=True).items()
+            if t.is_meta]
+    if left:
+        raise SavedModelError(f"{reader.directory}: {left[:3]} are still unread after loading the modules outside "
+                              f"the decoder layers; {reader.fix}")
+
+
+def read_layer(meta_layer: nn.Module, prefix: str, reader: ShardReader, device: torch.device, config=None
+               ) -> nn.Module:
+    """A real copy of the meta decoder layer ``prefix`` (``model.layers.3``) read from the shards."""
+    layer = copy.deepcopy(meta_layer)
+    wanted = {f"{prefix}.{name}": dtype for name, dtype in _expected(layer).items()}
+    state = reader.read(list(wanted), wanted)
+    layer.load_state_dict({name[len(prefix) + 1 :]: t.to(device) for name, t in state.items()}, assign=True)
+    for name, module in list(layer.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not name:
+                raise TypeError(f"{prefix} holds buffers that are not saved in the checkpoint; compress this model "
+                                "with stream=false")
+            layer.set_submodule(name, _rebuild_buffers(module, config, device))
+    return layer.eval()
+
+
+# ------------------------------------------------------------------------------------------------- the run
+def _rss() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss() -> int:
+    """The process's peak resident memory so far (bytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def fingerprint(model_dir: Path, reader: ShardReader, batches: list[dict], algorithm: LayerAlgorithm,
+                extra: dict) -> str:
+    """What makes two runs the same run: checkpoint files, calibration batches, method settings."""
+    h = hashlib.sha256()
+    h.update(str(model_dir.resolve()).encode())
+    for file in sorted(set(reader.weight_map.values())):
+        st = (model_dir / file).stat()
+        h.update(f"{file}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for batch in batches:
+        for key in sorted(batch):
+            h.update(key.encode())
+            h.update(batch[key].cpu().contiguous().numpy().tobytes())
+    h.update(json.dumps([algorithm.settings(), extra], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _shard_name(i: int, count: int) -> str:
+    return f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+
+
+def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> dict[str, str]:
+    """``state`` into one safetensors file, a tensor shared by two names (a tied head) once, under the first."""
+    tensors, seen = {}, set()
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = t.detach().contiguous().cpu()
+    write_file_atomically(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    return dict.fromkeys(tensors, path.name)
+
+
+def _load_progress(work: Path, print_: str) -> int:
+    """The last committed layer of the run ``print_`` in ``work`` (-1: start afresh, clearing ``work``)."""
+    try:
+        progress = json.loads((work / PROGRESS).read_text())
+    except (OSError, ValueError):
+        progress = None
+    if progress and progress.get("fingerprint") == print_ and (work / f"streams-{progress['done']}.pt").exists():
+        return int(progress["done"])
+    if work.exists():
+        if progress:
+            log.warning("discarding %s: it holds an interrupted run with other settings or calibration", work)
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return -1
+
+
+def compress_streamed(
+    model_dir: str | Path, target: str | Path, batches: list[dict[str, torch.Tensor]], algorithm: LayerAlgorithm,
+    *, write_extra: Callable[[Path], None], embeddings: str | None = None, device: torch.device | str = "cpu",
+    progress: bool = True, baseline_rss: int | None = None,
+) -> tuple[dict, Path]:
+    """Compress the checkpoint in ``model_dir`` layer by layer into ``target``; returns ``(report, target)``.
+
+    ``write_extra(directory)`` adds the files besides the weights (tokenizer, item index, odllm.json).
+    ``embeddings``: None or "int8" (the embedding table and head, after the layers). The report has the keys of
+    :func:`odllm.compress.driver.compress_layers` plus ``memory`` (bytes of each part, RSS) and ``streaming``.
+    """
+    started = time.perf_counter()
+    model_dir, target, device = Path(model_dir), Path(target), torch.device(device)
+    rss_start = _rss()
+    reader = ShardReader(model_dir)
+    model = skeleton(model_dir)
+    layers = decoder_layers(model)
+    prefix = _prefix(model, layers)
+    for i, layer in enumerate(layers):
+        validate_layer(layer, f"{prefix}.{i}", algorithm)  # shapes only: the meta layers have them
+    materialise_outside(model, reader, device)
+    rest_before = storage(outside_roots(model, layers))
+    batches = [{key: value.to(device) for key, value in batch.items()} for batch in batches]
+    masks = calibration_masks(batches)
+    X, kwargs = layer_inputs(model, layers, batches)
+    streams = Streams(X, list(X), kwargs, masks)
+
+    work = target.with_name(f".{target.name}.partial")
+    run = fingerprint(model_dir, reader, batches, algorithm, {"embeddings": embeddings, "device": device.type})
+    done = _load_progress(work, run)
+    if done >= 0:
+        saved = torch.load(work / f"streams-{done}.pt", map_location=device)
+        streams.X, streams.Xc = saved["X"], saved["Xc"]
+        log.info("resuming %s after layer %d (%s)", target, done, work)
+    count = len(layers) + 1  # a shard per layer, then the modules outside the layers
+    rest_bytes = rest_before["bytes"]
+    memory = {"baseline_rss_bytes": baseline_rss, "rss_before_weights_bytes": rss_start,
+              "embeddings_and_head_bytes": rest_bytes, "rss_after_embeddings_bytes": _rss(),
+              "streams_bytes": _tensor_bytes([*streams.X, *streams.Xc]), "layers": []}
+    for i in tqdm(range(done + 1, len(layers)), desc="compress layers (streamed)", disable=not progress):
+        layer_started = time.perf_counter()
+        name = f"{prefix}.{i}"
+        layer = read_layer(layers[i], name, reader, device, model.config)
+        before = sizes(layer, nn.ModuleList([layer]))
+        statistics = max(sum(8 * (n * n + n) for n in (layer.get_submodule(m).in_features for m in group))
+                         for group in input_groups(layer, streams.X[0], streams.kwargs[0], {
+                             n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}))
+        known = set(getattr(algorithm, "spectra", {}))
+        entries, report = compress_layer(layer, name, i, streams, algorithm)
+        after = sizes(layer, nn.ModuleList([layer]))
+        weight_map = _save_tensors({f"{name}.{k}": t for k, t in layer.state_dict().items()},
+                                   work / _shard_name(i, count))
+        spectra = {k: v for k, v in getattr(algorithm, "spectra", {}).items() if k not in known}
+        record = {"entries": entries, "report": report, "before": before, "after": after, "weight_map": weight_map,
+                  "specs": {f"{name}.{k}": v for k, v in compression_specs(layer).items()}, "spectra": spectra,
+                  "memory": {"dense_layer_bytes": before["model"]["bytes"],
+                             "compressed_layer_bytes": after["model"]["bytes"],
+                             "largest_statistics_bytes": statistics,
+                             "streams_bytes": _tensor_bytes([*streams.X, *streams.Xc]),
+                             "rss_after_layer_bytes": _rss(), "peak_rss_bytes": peak_rss(),
+                             "seconds": round(time.perf_counter() - layer_started, 2)}}
+        write_json(work / f"layer-{i:05d}.json", record)
+        write_file_atomically(work / f"streams-{i}.pt",
+                              lambda tmp: torch.save({"X": streams.X, "Xc": streams.Xc}, tmp))
+        write_json(work / PROGRESS, {"fingerprint": run, "done": i, "layers": len(layers)})
+        (work / f"streams-{i - 1}.pt").unlink(missing_ok=True)
+        del layer
+        log.info("layer %d/%d compressed in %.1f s, peak RSS %.2f GiB", i + 1, len(layers),
+                 record["memory"]["seconds"], peak_rss() / 2**30)
+
+    records = [json.loads((work / f"layer-{i:05d}.json").read_text()) for i in range(len(layers))]
+    if hasattr(algorithm, "spectra"):
+        for record in records:
+            algorithm.spectra.update(record["spectra"])
+    decoder_before, decoder_after = ({"params": sum(r[k]["decoder_linear"]["params"] for r in records),
+                                      "bytes": sum(r[k]["decoder_linear"]["bytes"] for r in records)}
+                                     for k in ("before", "after"))
+    report = {
+        "settings": settings_report(algorithm, masks),
+        "matrices": [entry for r in records for entry in r["entries"]],
+        "layers": [r["report"] for r in records],
+        "spectra": getattr(algorithm, "spectra", {}),
+    }
+
+    def whole(part: str, rest: dict) -> dict:
+        return {"params": rest["params"] + sum(r[part]["model"]["params"] for r in records),
+                "bytes": rest["bytes"] + sum(r[part]["model"]["bytes"] for r in records)}
+
+    report["totals"] = totals({"decoder_linear": decoder_before, "model": whole("before", rest_before)},
+                              {"decoder_linear": decoder_after, "model": whole("after", rest_before)})
+    compress_embeddings(model, embeddings, report)  # int8 table and head, or nothing; its totals are redone here
+    report["totals"].update(totals({"model": whole("before", rest_before)},
+                                   {"model": whole("after", storage(outside_roots(model, layers)))}))
+    weight_map = {key: file for r in records for key, file in r["weight_map"].items()}
+    last = _shard_name(len(layers), count)
+    outside = {n: t for n, t in model.state_dict().items() if not n.startswith(prefix + ".")}
+    weight_map.update(_save_tensors(outside, work / last))  # a tied head once, under the embedding's name
+    specs = {**{k: v for r in records for k, v in r["specs"].items()},
+             **{k: v for k, v in compression_specs(model).items() if not k.startswith(prefix + ".")}}
+    total = sum((work / f).stat().st_size for f in set(weight_map.values()))
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        for file in sorted(set(weight_map.values())):
+            try:
+                os.link(work / file, tmp / file)  # same file system: no copy
+            except OSError:
+                shutil.copy2(work / file, tmp / file)
+        (tmp / SHARD_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=2))
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        write_compression_config(specs, tmp)
+        write_extra(tmp)
+
+    target = write_directory_atomically(target, write)
+    shutil.rmtree(work)
+    per_layer = [r["memory"] for r in records]
+    memory.update(
+        dense_layer_bytes=max(m["dense_layer_bytes"] for m in per_layer),
+        compressed_layer_bytes=max(m["compressed_layer_bytes"] for m in per_layer),
+        largest_statistics_bytes=max(m["largest_statistics_bytes"] for m in per_layer),
+        peak_rss_bytes=peak_rss(), layers=per_layer,
+    )
+    if baseline_rss:
+        memory["peak_above_baseline_bytes"] = memory["peak_rss_bytes"] - baseline_rss
+    report["memory"] = memory
+    report["streaming"] = {"layers": len(layers), "resumed_after_layer": done if done >= 0 else None,
+                           "seconds": round(time.perf_counter() - started, 1), "shards": count}
+    return report, target
