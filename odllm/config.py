@@ -155,6 +155,8 @@ def check_compress(cfg: DictConfig) -> None:
     check_device(cfg)
     if cfg.get("compress_eval") is not None:
         boolean(cfg, "compress_eval")
+    if cfg.get("stream") is not None:
+        choice(cfg, "stream", ("auto", True, False))  # layer-streamed compression (odllm.compress.streamed)
 
 
 def check_evaluate(cfg: DictConfig) -> None:

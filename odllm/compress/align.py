@@ -52,18 +52,29 @@ def refit_group(
         Cc += product(b, b)
         K += product(a, b)
         C += product(a, a)
+    # memory: C is needed only for each linear's energy tr(W C W^T), so it goes before the n x n solves, and
+    # chol(C' + lambda I) and C'^{-1} K^T, the same for every linear of the group, are formed once
+    energies = {name: ((dense[name].weight.double() @ C) * dense[name].weight.double()).sum().item()
+                for name in group}
+    del C
+    S = solved = None
     results = {}
     for name, module in group.items():
         W, k = dense[name].weight.double(), module.rank
-        energy = ((W @ C) * W).sum().item()
+        energy = energies[name]
         A = module.A.weight.double()
         if factors == "B":
             G = A @ Cc @ A.T
             L, _ = cholesky_with_jitter(G + ridge * G.trace() / k * torch.eye(k, dtype=G.dtype, device=G.device))
             B = torch.cholesky_solve((W @ K @ A.T).T, L).T
         else:
-            S, _ = cholesky_with_jitter(Cc + ridge * Cc.trace() / n * torch.eye(n, dtype=Cc.dtype, device=Cc.device))
-            B, A, _ = factorize(W @ torch.cholesky_solve(K.T, S).T, S, k)
+            if S is None:
+                shifted = Cc.clone()  # C' + lambda I without an n x n identity: the same numbers
+                shifted.diagonal().add_(ridge * Cc.trace() / n)
+                S, _ = cholesky_with_jitter(shifted)
+                del shifted
+                solved = torch.cholesky_solve(K.T, S).T
+            B, A, _ = factorize(W @ solved, S, k)
         before, after = (
             ((M @ Cc) * M).sum().item() - 2 * ((M @ K.T) * W).sum().item() + energy
             for M in (module.B.weight.double() @ module.A.weight.double(), B @ A)

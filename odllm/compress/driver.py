@@ -1,11 +1,13 @@
 """The layer-by-layer driver every compression method runs through.
 
-:func:`compress_layers` works GPTQ-style, so memory holds one layer's statistics and two hidden-state streams,
-the original X and the compressed X': for each decoder layer it sums per-linear input statistics with hooks
-(:mod:`odllm.compress.statistics`) on the stream the algorithm asks for, lets the algorithm replace each
-linear (with ``true_sequential``, group by group: each group's statistics come from the layer in which the
-groups before it are already replaced), optionally lets it refine the layer on the compressed stream
-(:mod:`odllm.compress.align`), measures the layer's output error and advances both streams. The algorithms:
+:func:`compress_layers` works GPTQ-style, so memory holds one group of linears' statistics and two hidden-state
+streams, the original X and the compressed X': for each decoder layer (:func:`compress_layer`, the per-layer body
+that the layer-streamed path :mod:`odllm.compress.streamed` runs too) it sums per-linear input statistics with
+hooks (:mod:`odllm.compress.statistics`) on the stream the algorithm asks for, one group of linears sharing an
+input at a time, and lets the algorithm replace each linear of the group before the next group's statistics are
+summed (with ``true_sequential`` those come from the layer whose earlier groups are already replaced, else from
+the dense layer), optionally lets it refine the layer on the compressed stream (:mod:`odllm.compress.align`),
+measures the layer's output error and advances both streams. The algorithms:
 ``LowRank`` (odllm, svd, svd_whiten, svd_align, asvd; :mod:`odllm.compress.lowrank_method`), ``GPTQ``,
 ``SparseGPT``, ``BitsAndBytes``; :mod:`odllm.compress.registry` maps a method config to one.
 """
@@ -130,7 +132,7 @@ class LayerAlgorithm(Protocol):
     ``sequential``: whether each layer is measured on, and the next fed by, the compressed stream;
     ``true_sequential`` (optional, default False): collect the statistics group by group ([q, k, v], [o],
     [gate, up], [down]) on the layer with the earlier groups already replaced, as the reference GPTQ's
-    ``--true-sequential`` and llm-compressor; False: all of a layer's statistics in one pass over the dense layer.
+    ``--true-sequential`` and llm-compressor; False: every group's statistics from the dense layer.
     """
 
     statistics: str

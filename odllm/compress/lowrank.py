@@ -197,9 +197,13 @@ def cholesky_with_jitter(C: torch.Tensor) -> tuple[torch.Tensor, float]:
     n = C.shape[0]
     scale = C.diagonal().sum().item() / n
     scale = scale if scale > 0 else 1.0
-    eye = torch.eye(n, dtype=C.dtype, device=C.device)
     for eps in JITTERS:
-        S, info = torch.linalg.cholesky_ex(C + eps * scale * eye)
+        shifted = C  # C + eps scale I without n x n identities (1 GB each at width 11008): the same numbers
+        if eps:
+            shifted = C.clone()
+            shifted.diagonal().add_(eps * scale)
+        S, info = torch.linalg.cholesky_ex(shifted)
+        del shifted
         if info == 0 and S.diagonal().square().min() >= MIN_PIVOT * scale:
             return S, eps * scale
     raise RuntimeError(f"Cholesky failed even with jitter {JITTERS[-1]} * trace/n; the covariance is not PSD")

@@ -24,8 +24,8 @@ from odllm.compress.heal import heal
 from odllm.compress.lowrank_method import LowRank
 from odllm.compress.registry import algorithm_name, build_algorithm, model_tag, uses_ratio
 from odllm.compress.saved import load_recommender, save_compression_config
-from odllm.compress.streamed import ShardReader, compress_streamed, skeleton
 from odllm.compress.spectra import plot_ranks, plot_spectra
+from odllm.compress.streamed import compress_streamed, skeleton
 from odllm.data.batches import left_pad
 from odllm.data.dataset import DatasetSource, Split, leave_one_out, load_dataset
 from odllm.data.prompts import SeqRecEncoder, build_training_samples
@@ -213,11 +213,11 @@ def compress_recommender(
         "fidelity": close,
         "popularity": popularity_baseline(split, dense.encoder, split.test, job.eval.ks),
         "resources": {**summary, "compress_seconds": round(seconds, 1)},
-        "stream": job.stream,
-        "memory": report.get("memory"),  # streamed: RSS and the bytes of each part
         "versions": package_versions(),
         "config": job.config,
     }
+    if job.stream:  # layer-streamed: RSS and the bytes of each part (odllm.compress.streamed)
+        payload.update(stream=True, memory=report["memory"], streaming=report["streaming"])
     write_json(output_dir / "compression_report.json", report)
     write_json(output_dir / "metrics.json", payload)
     if not job.evaluate:
@@ -289,13 +289,15 @@ def _write_recommender_files(dense: Recommender, meta: dict, directory: Path) ->
 
 def load_dense(
     model_dir: Path, source: DatasetSource, max_history: int, allow_other_dataset: bool = False,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, stream: bool = False,
 ) -> tuple[Recommender, Split]:
     """The dense model to compress (in its saved dtype, on ``device``) and the split of the dataset it was trained
-    on (its odllm.json says which; ``allow_other_dataset`` uses it on ``source`` anyway, recording both names)."""
+    on (its odllm.json says which; ``allow_other_dataset`` uses it on ``source`` anyway, recording both names).
+    ``stream``: the model is a skeleton on the meta device (no weights read; :mod:`odllm.compress.streamed`)."""
     if (model_dir / COMPRESSION_FILE).exists():
         raise ValueError(f"{model_dir} holds a compressed model; pass model_dir=<the dense model train.py saved>")
-    dense = Recommender.load(model_dir, device=device)
+    dense = (Recommender.load(model_dir, load_model=skeleton) if stream
+             else Recommender.load(model_dir, device=device))
     check_dataset(dense.meta, model_dir, source.name, allow_other_dataset)
     if dense.meta.get("dataset", source.name) != source.name:  # the compressed model is named after source.name
         dense.meta = {**dense.meta, "dataset": source.name,

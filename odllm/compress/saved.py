@@ -130,30 +130,29 @@ def load_compressed(directory: str | Path) -> nn.Module:
     aliases = defaultdict(list)  # tied weights are saved once, under one of their names
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases[id(p)].append(name)
-    expected = set(model.state_dict(keep_vars=True))
-    loaded, unexpected = set(), []
-    for file in _shard_files(directory, fix):  # one shard in memory at a time
+    missing, unexpected = None, []
+    for file in _shard_files(directory, fix):  # one shard in memory at a time, assigned (no copy) to the skeleton
         with reading(directory / file, fix):
             state = load_file(directory / file)
-        unexpected += [key for key in state if key not in expected]
-        model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
-        loaded.update(k for k in state if k in expected)
+        result = model.load_state_dict(state, strict=False, assign=True)
+        unexpected += result.unexpected_keys
+        missing = set(result.missing_keys) if missing is None else missing & set(result.missing_keys)
         del state
     for names in aliases.values():  # assign=True replaced the loaded name's parameter: tie the others to it
-        found = [n for n in names if n in loaded]
+        found = [n for n in names if n not in missing]
         if found and len(names) > 1:
             shared = model.get_parameter(found[0])
             for other in names:
-                if other not in loaded:
+                if other in missing:
                     owner, _, short = other.rpartition(".")
                     setattr(model.get_submodule(owner), short, shared)
-                    loaded.add(other)
-    missing = sorted(expected - loaded)
+                    missing.discard(other)
+    missing = sorted(missing)
     if missing or unexpected:
         raise SavedModelError(
             f"{directory} does not match {COMPRESSION_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}; {fix}"
         )
-    _rebuild_computed_buffers(model, config)
+    rebuild_computed_buffers(model, config)
     for module in model.modules():  # a module that uses another one (the tied int8 head) finds it now
         if callable(getattr(module, "bind", None)):
             module.bind(model)
@@ -163,20 +162,22 @@ def load_compressed(directory: str | Path) -> nn.Module:
     return model.eval()
 
 
-def _rebuild_computed_buffers(model: nn.Module, config) -> None:
+def rebuild_computed_buffers(model: nn.Module, config, device: torch.device | str = "cpu") -> None:
     """Modules whose buffers are computed, not saved (a rotary module's ``inv_freq``), built again from the
-    config: the meta skeleton left them empty."""
+    config on ``device``: a skeleton made on the meta device left them empty."""
     for name, module in list(model.named_modules()):
         if name and any(b.is_meta for b in module.buffers(recurse=False)):
             try:
-                fresh = type(module)(config=getattr(module, "config", config))
+                with torch.device(device):
+                    fresh = type(module)(config=getattr(module, "config", config))
             except Exception as e:
                 raise SavedModelError(f"{name} ({type(module).__name__}) holds buffers that are neither saved nor "
-                                      f"computable from config.json: {e}") from e
+                                      f"computable from config.json ({e}); load or compress it with the whole-model "
+                                      "path (stream=false)") from e
             model.set_submodule(name, fresh)
     left = [name for name, b in model.named_buffers() if b.is_meta]
     if left:
-        raise SavedModelError(f"buffers {left[:3]} were neither saved nor rebuilt")
+        raise SavedModelError(f"buffers {left[:3]} were neither saved nor rebuilt from config.json")
 
 
 def load_recommender(directory: str | Path, device: torch.device | str | None = None) -> Recommender:

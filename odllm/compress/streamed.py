@@ -56,7 +56,7 @@ from odllm.compress.driver import (
     validate_layer,
 )
 from odllm.compress.embeddings import compress_embeddings
-from odllm.compress.saved import compression_specs, saved_dtype, write_compression_config
+from odllm.compress.saved import compression_specs, rebuild_computed_buffers, saved_dtype, write_compression_config
 from odllm.compress.statistics import input_groups
 from odllm.compress.storage import sizes, storage, totals
 from odllm.files import write_directory_atomically, write_file_atomically, write_json
@@ -127,20 +127,6 @@ def outside_roots(module: nn.Module, layers: nn.ModuleList) -> Iterator[nn.Modul
             yield child
 
 
-def _rebuild_buffers(module: nn.Module, config, device: torch.device) -> nn.Module:
-    """A module whose non-persistent buffers (a rotary module's ``inv_freq``) are still on the meta device, built
-    again on ``device`` from the config (those buffers are computed, never saved)."""
-    if not any(b.is_meta for b in module.buffers()):
-        return module
-    try:
-        with torch.device(device):
-            fresh = type(module)(config=getattr(module, "config", config))
-    except Exception as e:
-        raise TypeError(f"{type(module).__name__} holds buffers that are not saved in the checkpoint and cannot be "
-                        f"rebuilt from the config ({e}); compress this model with stream=false") from e
-    return fresh
-
-
 def skeleton(directory: str | Path) -> nn.Module:
     """The model config.json describes, on the meta device (no memory), in the dtype config.json names."""
     directory = Path(directory)
@@ -173,10 +159,7 @@ def materialise_outside(model: nn.Module, reader: ShardReader, device: torch.dev
     model.load_state_dict(state, strict=False, assign=True)
     if tied and head_key not in state:
         head.weight = embedding.weight
-    for name, module in list(model.named_modules()):
-        if name and not name.startswith(prefix) and module is not layers:
-            if any(b.is_meta for b in module.buffers(recurse=False)):
-                model.set_submodule(name, _rebuild_buffers(module, model.config, device))
+    rebuild_computed_buffers(model, model.config, device)  # the rotary module's inv_freq (never saved)
     left = [n for root in outside_roots(model, layers) for n, t in root.state_dict(keep_vars=True).items()
             if t.is_meta]
     if left:
@@ -184,24 +167,18 @@ def materialise_outside(model: nn.Module, reader: ShardReader, device: torch.dev
                               f"the decoder layers; {reader.fix}")
 
 
-def read_layer(meta_layer: nn.Module, prefix: str, reader: ShardReader, device: torch.device, config=None
-               ) -> nn.Module:
+def read_layer(meta_layer: nn.Module, prefix: str, reader: ShardReader, device: torch.device) -> nn.Module:
     """A real copy of the meta decoder layer ``prefix`` (``model.layers.3``) read from the shards."""
     layer = copy.deepcopy(meta_layer)
     wanted = {f"{prefix}.{name}": dtype for name, dtype in _expected(layer).items()}
     state = reader.read(list(wanted), wanted)
     layer.load_state_dict({name[len(prefix) + 1 :]: t.to(device) for name, t in state.items()}, assign=True)
-    for name, module in list(layer.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            if not name:
-                raise TypeError(f"{prefix} holds buffers that are not saved in the checkpoint; compress this model "
-                                "with stream=false")
-            layer.set_submodule(name, _rebuild_buffers(module, config, device))
-    return layer.eval()
+    return layer.to(device).eval()  # computed buffers, rebuilt in the skeleton, follow
 
 
 # ------------------------------------------------------------------------------------------------- the run
-def _rss() -> int:
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux /proc; 0 elsewhere)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -211,7 +188,7 @@ def _rss() -> int:
     return 0
 
 
-def peak_rss() -> int:
+def peak_resident_bytes() -> int:
     """The process's peak resident memory so far (bytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -275,6 +252,65 @@ def _load_progress(work: Path, print_: str) -> int:
     return -1
 
 
+def _statistics_bytes(layer: nn.Module, streams: Streams) -> int:
+    """Bytes of the largest group of statistics the driver holds at once (C and sum |x| per linear, float64)."""
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    groups = input_groups(layer, streams.X[0], streams.kwargs[0], linears)
+    return max(sum(8 * (linears[n].in_features ** 2 + linears[n].in_features) for n in group) for group in groups)
+
+
+def _compress_one(layer: nn.Module, name: str, index: int, streams: Streams, algorithm: LayerAlgorithm,
+                  shard: Path) -> dict:
+    """Compress ``layer``, write its tensors to ``shard``; its record (report entries, sizes, specs, memory)."""
+    started, cpu = time.perf_counter(), time.process_time()
+    before = sizes(layer, nn.ModuleList([layer]))
+    statistics = _statistics_bytes(layer, streams)
+    known = set(getattr(algorithm, "spectra", {}))
+    entries, report = compress_layer(layer, name, index, streams, algorithm)
+    after = sizes(layer, nn.ModuleList([layer]))
+    weight_map = _save_tensors({f"{name}.{k}": t for k, t in layer.state_dict().items()}, shard)
+    return {
+        "entries": entries, "report": report, "before": before, "after": after, "weight_map": weight_map,
+        "specs": {f"{name}.{k}": v for k, v in compression_specs(layer).items()},
+        "spectra": {k: v for k, v in getattr(algorithm, "spectra", {}).items() if k not in known},
+        "memory": {"dense_layer_bytes": before["model"]["bytes"], "compressed_layer_bytes": after["model"]["bytes"],
+                   "largest_statistics_bytes": statistics, "streams_bytes": _tensor_bytes([*streams.X, *streams.Xc]),
+                   "rss_after_layer_bytes": resident_bytes(), "peak_rss_bytes": peak_resident_bytes(),
+                   "seconds": round(time.perf_counter() - started, 2),
+                   "cpu_seconds": round(time.process_time() - cpu, 2)},  # this process's, on a shared CPU
+    }
+
+
+def _report(records: list[dict], algorithm: LayerAlgorithm, masks: list, model: nn.Module, rest_before: dict,
+            embeddings: str | None) -> dict:
+    """The report :func:`odllm.compress.driver.compress_layers` gives, from the layers' records; sizes summed as
+    the modules outside the layers plus each layer (no tensor is shared across them)."""
+    if hasattr(algorithm, "spectra"):
+        for record in records:
+            algorithm.spectra.update(record["spectra"])
+
+    def summed(part: str, key: str, rest: dict | None = None) -> dict:
+        rest = rest or {"params": 0, "bytes": 0}
+        return {unit: rest[unit] + sum(r[part][key][unit] for r in records) for unit in ("params", "bytes")}
+
+    report = {
+        "settings": settings_report(algorithm, masks),
+        "matrices": [entry for r in records for entry in r["entries"]],
+        "layers": [r["report"] for r in records],
+        "spectra": getattr(algorithm, "spectra", {}),
+        "totals": totals({"decoder_linear": summed("before", "decoder_linear"),
+                          "model": summed("before", "model", rest_before)},
+                         {"decoder_linear": summed("after", "decoder_linear"),
+                          "model": summed("after", "model", rest_before)}),
+    }
+    layers = decoder_layers(model)
+    compress_embeddings(model, embeddings, report)  # int8 table and head, or nothing; the whole model's size again:
+    report["totals"].update(totals({"model": summed("before", "model", rest_before)},
+                                   {"model": summed("after", "model", storage(outside_roots(model, layers)))}))
+    return report
+
+
+@torch.no_grad()
 def compress_streamed(
     model_dir: str | Path, target: str | Path, batches: list[dict[str, torch.Tensor]], algorithm: LayerAlgorithm,
     *, write_extra: Callable[[Path], None], embeddings: str | None = None, device: torch.device | str = "cpu",
@@ -288,7 +324,7 @@ def compress_streamed(
     """
     started = time.perf_counter()
     model_dir, target, device = Path(model_dir), Path(target), torch.device(device)
-    rss_start = _rss()
+    memory = {"baseline_rss_bytes": baseline_rss, "rss_before_weights_bytes": resident_bytes()}
     reader = ShardReader(model_dir)
     model = skeleton(model_dir)
     layers = decoder_layers(model)
@@ -297,6 +333,7 @@ def compress_streamed(
         validate_layer(layer, f"{prefix}.{i}", algorithm)  # shapes only: the meta layers have them
     materialise_outside(model, reader, device)
     rest_before = storage(outside_roots(model, layers))
+    memory.update(embeddings_and_head_bytes=rest_before["bytes"], rss_after_embeddings_bytes=resident_bytes())
     batches = [{key: value.to(device) for key, value in batch.items()} for batch in batches]
     masks = calibration_masks(batches)
     X, kwargs = layer_inputs(model, layers, batches)
@@ -310,68 +347,24 @@ def compress_streamed(
         streams.X, streams.Xc = saved["X"], saved["Xc"]
         log.info("resuming %s after layer %d (%s)", target, done, work)
     count = len(layers) + 1  # a shard per layer, then the modules outside the layers
-    rest_bytes = rest_before["bytes"]
-    memory = {"baseline_rss_bytes": baseline_rss, "rss_before_weights_bytes": rss_start,
-              "embeddings_and_head_bytes": rest_bytes, "rss_after_embeddings_bytes": _rss(),
-              "streams_bytes": _tensor_bytes([*streams.X, *streams.Xc]), "layers": []}
     for i in tqdm(range(done + 1, len(layers)), desc="compress layers (streamed)", disable=not progress):
-        layer_started = time.perf_counter()
-        name = f"{prefix}.{i}"
-        layer = read_layer(layers[i], name, reader, device, model.config)
-        before = sizes(layer, nn.ModuleList([layer]))
-        statistics = max(sum(8 * (n * n + n) for n in (layer.get_submodule(m).in_features for m in group))
-                         for group in input_groups(layer, streams.X[0], streams.kwargs[0], {
-                             n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}))
-        known = set(getattr(algorithm, "spectra", {}))
-        entries, report = compress_layer(layer, name, i, streams, algorithm)
-        after = sizes(layer, nn.ModuleList([layer]))
-        weight_map = _save_tensors({f"{name}.{k}": t for k, t in layer.state_dict().items()},
-                                   work / _shard_name(i, count))
-        spectra = {k: v for k, v in getattr(algorithm, "spectra", {}).items() if k not in known}
-        record = {"entries": entries, "report": report, "before": before, "after": after, "weight_map": weight_map,
-                  "specs": {f"{name}.{k}": v for k, v in compression_specs(layer).items()}, "spectra": spectra,
-                  "memory": {"dense_layer_bytes": before["model"]["bytes"],
-                             "compressed_layer_bytes": after["model"]["bytes"],
-                             "largest_statistics_bytes": statistics,
-                             "streams_bytes": _tensor_bytes([*streams.X, *streams.Xc]),
-                             "rss_after_layer_bytes": _rss(), "peak_rss_bytes": peak_rss(),
-                             "seconds": round(time.perf_counter() - layer_started, 2)}}
+        layer = read_layer(layers[i], f"{prefix}.{i}", reader, device)
+        record = _compress_one(layer, f"{prefix}.{i}", i, streams, algorithm, work / _shard_name(i, count))
+        del layer
+        # commit: the layer's record and the streams it produced, then progress.json (a kill before it redoes i)
         write_json(work / f"layer-{i:05d}.json", record)
-        write_file_atomically(work / f"streams-{i}.pt",
-                              lambda tmp: torch.save({"X": streams.X, "Xc": streams.Xc}, tmp))
+        write_file_atomically(work / f"streams-{i}.pt", lambda tmp: torch.save({"X": streams.X, "Xc": streams.Xc},
+                                                                               tmp))
         write_json(work / PROGRESS, {"fingerprint": run, "done": i, "layers": len(layers)})
         (work / f"streams-{i - 1}.pt").unlink(missing_ok=True)
-        del layer
         log.info("layer %d/%d compressed in %.1f s, peak RSS %.2f GiB", i + 1, len(layers),
-                 record["memory"]["seconds"], peak_rss() / 2**30)
+                 record["memory"]["seconds"], peak_resident_bytes() / 2**30)
 
     records = [json.loads((work / f"layer-{i:05d}.json").read_text()) for i in range(len(layers))]
-    if hasattr(algorithm, "spectra"):
-        for record in records:
-            algorithm.spectra.update(record["spectra"])
-    decoder_before, decoder_after = ({"params": sum(r[k]["decoder_linear"]["params"] for r in records),
-                                      "bytes": sum(r[k]["decoder_linear"]["bytes"] for r in records)}
-                                     for k in ("before", "after"))
-    report = {
-        "settings": settings_report(algorithm, masks),
-        "matrices": [entry for r in records for entry in r["entries"]],
-        "layers": [r["report"] for r in records],
-        "spectra": getattr(algorithm, "spectra", {}),
-    }
-
-    def whole(part: str, rest: dict) -> dict:
-        return {"params": rest["params"] + sum(r[part]["model"]["params"] for r in records),
-                "bytes": rest["bytes"] + sum(r[part]["model"]["bytes"] for r in records)}
-
-    report["totals"] = totals({"decoder_linear": decoder_before, "model": whole("before", rest_before)},
-                              {"decoder_linear": decoder_after, "model": whole("after", rest_before)})
-    compress_embeddings(model, embeddings, report)  # int8 table and head, or nothing; its totals are redone here
-    report["totals"].update(totals({"model": whole("before", rest_before)},
-                                   {"model": whole("after", storage(outside_roots(model, layers)))}))
+    report = _report(records, algorithm, masks, model, rest_before, embeddings)
     weight_map = {key: file for r in records for key, file in r["weight_map"].items()}
-    last = _shard_name(len(layers), count)
     outside = {n: t for n, t in model.state_dict().items() if not n.startswith(prefix + ".")}
-    weight_map.update(_save_tensors(outside, work / last))  # a tied head once, under the embedding's name
+    weight_map.update(_save_tensors(outside, work / _shard_name(len(layers), count)))  # a tied head once
     specs = {**{k: v for r in records for k, v in r["specs"].items()},
              **{k: v for k, v in compression_specs(model).items() if not k.startswith(prefix + ".")}}
     total = sum((work / f).stat().st_size for f in set(weight_map.values()))
@@ -383,8 +376,8 @@ def compress_streamed(
                 os.link(work / file, tmp / file)  # same file system: no copy
             except OSError:
                 shutil.copy2(work / file, tmp / file)
-        (tmp / SHARD_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                  indent=2))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / SHARD_INDEX).write_text(json.dumps(index, indent=2))
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(tmp)
@@ -394,12 +387,9 @@ def compress_streamed(
     target = write_directory_atomically(target, write)
     shutil.rmtree(work)
     per_layer = [r["memory"] for r in records]
-    memory.update(
-        dense_layer_bytes=max(m["dense_layer_bytes"] for m in per_layer),
-        compressed_layer_bytes=max(m["compressed_layer_bytes"] for m in per_layer),
-        largest_statistics_bytes=max(m["largest_statistics_bytes"] for m in per_layer),
-        peak_rss_bytes=peak_rss(), layers=per_layer,
-    )
+    memory.update({key: max(m[key] for m in per_layer) for key in (
+        "dense_layer_bytes", "compressed_layer_bytes", "largest_statistics_bytes", "streams_bytes")})
+    memory.update(peak_rss_bytes=peak_resident_bytes(), layers=per_layer)
     if baseline_rss:
         memory["peak_above_baseline_bytes"] = memory["peak_rss_bytes"] - baseline_rss
     report["memory"] = memory
