@@ -107,6 +107,31 @@ def test_streamed_equals_in_memory(ckpt, data, tmp_path, method):
     assert len(memory["layers"]) == 3 and report["streaming"]["resumed_after_layer"] is None
 
 
+def test_embeddings_and_head_are_freed_before_the_layers(tied, data, tmp_path, monkeypatch):
+    """The modules outside the layers are written (int8 here) and moved to meta once layer 0's inputs exist."""
+    real, seen = streamed.compress_layer, []
+
+    def spy(layer, prefix, index, streams, algorithm):
+        model = spy.model
+        seen.append([t.is_meta for m in streamed.outside_roots(model, model.model.layers)
+                     for t in (*m.parameters(), *m.buffers())])
+        return real(layer, prefix, index, streams, algorithm)
+
+    real_write = streamed.write_outside
+
+    def remember(model, layers, embeddings, shard):
+        spy.model = model
+        return real_write(model, layers, embeddings, shard)
+
+    monkeypatch.setattr(streamed, "compress_layer", spy)
+    monkeypatch.setattr(streamed, "write_outside", remember)
+    payload, report = run(tied, data, tmp_path / "streamed", extra=("method.embeddings=int8",))
+    assert len(seen) == 3 and all(flags and all(flags) for flags in seen)
+    memory = report["memory"]
+    assert "freed" in memory["outside_modules"] and memory["rss_after_outside_freed_bytes"] > 0
+    assert report["embeddings"] and report["settings"]["embeddings"]
+
+
 def test_resume_after_a_failure_equals_an_uninterrupted_run(ckpt, data, tmp_path, monkeypatch):
     clean, clean_report = run(ckpt, data, tmp_path / "clean")
     real = streamed.compress_layer

@@ -1,7 +1,8 @@
 """Progressive alignment (OD-LLM step 5): refit a layer's low-rank factors on the stream it really sees.
 
 On the compressed stream X'_i (what layer i gets after the compressed layers 0..i-1), refit the factors so
-that B A x' matches W x, from the sums C' = sum x'x'^T, K = sum x x'^T, C = sum x x^T (float64):
+that B A x' matches W x, from the sums C' = sum x'x'^T, P = W K = sum (W x) x'^T and tr(W C W^T) = sum ||W x||^2
+(float64; K = sum x x'^T and C = sum x x^T are never built):
 
 - ``align: B`` (the paper) keeps A and solves ridge least squares for B,
   B = W K A^T (A C' A^T + lambda I)^{-1},  lambda = ridge tr(A C' A^T)/k;
@@ -21,8 +22,15 @@ import copy
 import torch
 
 from odllm.compress.driver import Streams, compare_layers
-from odllm.compress.lowrank import LowRankLinear, cholesky_with_jitter, factorize
-from odllm.compress.statistics import capture_inputs, product
+from odllm.compress.lowrank import CholeskyInPlace, LowRankLinear, cholesky_with_jitter, factorize
+from odllm.compress.statistics import accumulate, accumulation_dtype, capture_inputs
+
+BLOCK = 512  # rows of W converted to float64 at a time, columns per block of the error's cross term
+
+
+def _outputs(a: torch.Tensor, W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a W^T`` in ``dtype`` with W converted a block of rows at a time (no float64 copy of all of W)."""
+    return torch.cat([a @ W[r : r + BLOCK].to(dtype).mT for r in range(0, W.shape[0], BLOCK)], dim=1)
 
 
 def refit_group(
@@ -30,55 +38,74 @@ def refit_group(
 ) -> dict:
     """Refits the factors of each linear in ``group`` (they share one input) so that B A x' ~ W x.
 
-    Input statistics on the two streams, summed once for the group: C' = sum x' x'^T, K = sum x x'^T,
-    C = sum x x^T. Any M = B A then has the exact error E(M) = tr(M C' M^T) - 2 tr(M K^T W^T) + tr(W C W^T).
+    Sums over the calibration tokens (float64, CPU products in float64): C' = sum x' x'^T for the group, and per
+    linear P = W K = sum (W x) x'^T ([m, n]) and its energy tr(W C W^T) = sum ||W x||^2, where K = sum x x'^T and
+    C = sum x x^T appear only in these products: neither n x n matrix is built (at LLaMA-1B's down_proj, n = 8192 >
+    m = 2048, each is 0.5 GiB). Any M = B A then has the exact error
+    E(M) = tr(M C' M^T) - 2 tr(M P^T) + tr(W C W^T).
 
-    - ``factors="B"`` (the paper): A stays, B = W K A^T (A C' A^T + lambda I)^{-1} (ridge least squares);
+    - ``factors="B"`` (the paper): A stays, B = P A^T (A C' A^T + lambda I)^{-1} (ridge least squares);
     - ``factors="BA"``: the best rank-k M for the compressed stream (reduced-rank regression): the
-      unconstrained fit W* = W K C'^{-1}, truncated in the C' norm, i.e. ``factorize(W*, chol(C'), k)``,
+      unconstrained fit W* = P C'^{-1}, truncated in the C' norm, i.e. ``factorize(W*, chol(C'), k)``,
       the whitened SVD of step 2 again, now on what the layer really sees and aimed at the original output.
+      C' + lambda I is overwritten by its Cholesky factor S (:class:`odllm.compress.lowrank.CholeskyInPlace`), and
+      the whitened target is W* S = P S^{-T}: its truncated SVD B A' gives A = A' S^{-1}.
 
-    A refit is kept only where E falls. Returns per linear the relative errors and the decision. The sums are
-    float64 on the layer's device, each batch's products formed as :func:`odllm.compress.statistics.product` does.
+    A refit is kept only where E falls. Returns per linear the relative errors and the decision.
     """
     dense = {name: original.get_submodule(name) for name in group}
     n = next(iter(group.values())).in_features
-    device = dense[next(iter(group))].weight.device
-    Cc, K, C = (torch.zeros(n, n, dtype=torch.float64, device=device) for _ in range(3))
     first = next(iter(group))
+    device = dense[first].weight.device
+    Cc = torch.zeros(n, n, dtype=torch.float64, device=device)
+    P = {name: torch.zeros(m.out_features, n, dtype=torch.float64, device=device) for name, m in dense.items()}
+    energies = dict.fromkeys(group, 0.0)
+    dtype = accumulation_dtype(device)
     for x, xc, kw, mask in streams:
         a = capture_inputs(original, x, kw, {first: dense[first]}, mask)[first]
         b = capture_inputs(layer, xc, kw, {first: group[first]}, mask)[first]
-        Cc += product(b, b)
-        K += product(a, b)
-        C += product(a, a)
-    # memory: C is needed only for each linear's energy tr(W C W^T), so it goes before the n x n solves, and
-    # chol(C' + lambda I) and C'^{-1} K^T, the same for every linear of the group, are formed once
-    energies = {name: ((dense[name].weight.double() @ C) * dense[name].weight.double()).sum().item()
-                for name in group}
-    del C
-    S = solved = None
+        accumulate(Cc, b, b)
+        a = a.to(dtype)
+        for name, module in dense.items():
+            y = _outputs(a, module.weight, dtype)  # W x per token, the dense output the refit aims at
+            accumulate(P[name], y, b)
+            energies[name] += y.double().square().sum().item()
+    S, shift = None, 0.0
+    if factors != "B":  # C' + lambda I and its factor, the same for every linear of the group, in C''s memory
+        shift = ridge * Cc.trace().item() / n  # lambda
+        Cc.diagonal().add_(shift)
+        S = CholeskyInPlace(Cc)
+
+    def error(B: torch.Tensor, A: torch.Tensor, AS: torch.Tensor, target: torch.Tensor, energy: float) -> float:
+        """E(B A) from k x k and k x block products: tr(M C' M^T) = <B^T B, A C' A^T>, tr(M P^T) = <A, B^T P>;
+        with S, C' = S S^T - (lambda + jitter) I, P = target S^T and AS = A S; without, AS = A and target = P."""
+        BtB = B.mT @ B
+        if S is None:
+            quadratic = (BtB * (A @ Cc @ A.mT)).sum().item()
+        else:
+            quadratic = (BtB * (AS @ AS.mT)).sum().item() - (shift + S.jitter) * (BtB * (A @ A.mT)).sum().item()
+        cross = sum(((B.mT @ target[:, j : j + BLOCK]) * AS[:, j : j + BLOCK]).sum().item()
+                    for j in range(0, target.shape[1], BLOCK))
+        return quadratic - 2 * cross + energy
+
     results = {}
     for name, module in group.items():
-        W, k = dense[name].weight.double(), module.rank
-        energy = energies[name]
-        A = module.A.weight.double()
+        k, energy = module.rank, energies[name]
+        A0, B0 = module.A.weight.double(), module.B.weight.double()
         if factors == "B":
-            G = A @ Cc @ A.T
+            target = P.pop(name)
+            before = error(B0, A0, A0, target, energy)
+            G = A0 @ Cc @ A0.mT
             L, _ = cholesky_with_jitter(G + ridge * G.trace() / k * torch.eye(k, dtype=G.dtype, device=G.device))
-            B = torch.cholesky_solve((W @ K @ A.T).T, L).T
+            B, A = torch.cholesky_solve((target @ A0.mT).mT, L).mT, A0
+            after = error(B, A, A, target, energy)
         else:
-            if S is None:
-                shifted = Cc.clone()  # C' + lambda I without an n x n identity: the same numbers
-                shifted.diagonal().add_(ridge * Cc.trace() / n)
-                S, _ = cholesky_with_jitter(shifted)
-                del shifted
-                solved = torch.cholesky_solve(K.T, S).T
-            B, A, _ = factorize(W @ solved, S, k)
-        before, after = (
-            ((M @ Cc) * M).sum().item() - 2 * ((M @ K.T) * W).sum().item() + energy
-            for M in (module.B.weight.double() @ module.A.weight.double(), B @ A)
-        )
+            target = S.solve_left_transposed(P.pop(name))  # W* S = P S^{-T}, [m, n], in P's memory
+            before = error(B0, A0, S.right(A0), target, energy)
+            B, AS, _ = factorize(target, None, k)  # its truncated SVD: B A S with A S = AS
+            A = S.solve_right(AS)
+            after = error(B, A, AS, target, energy)
+        del target
         if after < before:
             module.B.weight.copy_(B)
             module.A.weight.copy_(A)

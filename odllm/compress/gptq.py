@@ -31,6 +31,7 @@ import logging
 from dataclasses import asdict, dataclass
 
 import torch
+from scipy.linalg import lapack
 from torch import nn
 
 from odllm.compress.grid import (
@@ -42,6 +43,7 @@ from odllm.compress.grid import (
     rtn_quantize,
 )
 from odllm.compress.quant import QuantLinear
+from odllm.compress.statistics import mirror
 
 log = logging.getLogger(__name__)
 
@@ -49,34 +51,91 @@ DAMP_RETRIES = 6  # damping grows tenfold up to this many times when H + damp I 
 
 
 def hessian(covariance: torch.Tensor, tokens: int) -> torch.Tensor:
-    """H = 2 X X^T / tokens from the hooks' sum of x x^T (float64)."""
-    return 2 * covariance.double() / max(tokens, 1)
+    """H = 2 X X^T / tokens from the hooks' sum of x x^T (float64), in one new buffer (the same numbers as
+    ``2 * C / tokens``, without its intermediate n x n matrix)."""
+    return covariance.to(torch.float64, copy=True).mul_(2).div_(max(tokens, 1))
 
 
 def inverse_hessian_factor(
-    H: torch.Tensor, W: torch.Tensor, damp: float
+    H: torch.Tensor, W: torch.Tensor, damp: float, overwrite: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The reference preamble shared by GPTQ and SparseGPT: ``(U, dead, damp_used)`` with U upper triangular,
     U^T U = (H + damp mean(diag H) I)^-1. Zeroes W's dead columns in place.
 
     When Cholesky fails (H not positive definite even after damping), the damping grows tenfold and the
     retry is logged; ``damp_used`` says what was finally added (relative to the mean diagonal).
+
+    ``overwrite``: H's own memory becomes U (H is lost), as in the reference, which overwrites H step by step;
+    else a copy of H does. On the CPU (float64) the three steps, Cholesky, inverse from the factor, Cholesky of the
+    inverse, are LAPACK's dpotrf / dpotri / dpotrf on one triangle of that one buffer (:func:`_factor_in_place`):
+    one n x n matrix instead of the four torch's out-of-place calls hold (0.5 GiB each at width 8192).
     """
-    H = H.clone()
+    H = H if overwrite else H.clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     mean = H.diagonal().mean()
+    in_place = H.device.type == "cpu" and H.dtype == torch.float64 and H.is_contiguous()
+    if in_place:
+        mirror(H, from_lower=True)  # the strict upper triangle: an exact copy to start again from
+        diagonal = H.diagonal().clone()
     for attempt in range(DAMP_RETRIES + 1):
         used = damp * 10**attempt
-        L, info = torch.linalg.cholesky_ex(H + used * mean * torch.eye(len(H), dtype=H.dtype, device=H.device))
-        if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0:
-                if attempt:
-                    log.info("Hessian not positive definite with damp=%g; used damp=%g", damp, used)
-                return U, dead, used
+        if in_place:
+            H.diagonal().copy_(diagonal + used * mean)
+            U = _factor_in_place(H)
+            if U is None:
+                mirror(H, from_lower=False)
+        else:
+            U = _factor(H + used * mean * torch.eye(len(H), dtype=H.dtype, device=H.device))
+        if U is not None:
+            if attempt:
+                log.info("Hessian not positive definite with damp=%g; used damp=%g", damp, used)
+            return U, dead, used
     raise RuntimeError(f"the Hessian is not positive definite even with damp={used}; check the calibration data")
+
+
+def _factor(H: torch.Tensor) -> torch.Tensor | None:
+    """U upper with U^T U = H^-1 (torch, out of place), or None when H is not positive definite."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if info != 0:
+        return None
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    return U if info == 0 else None
+
+
+def _factor_in_place(H: torch.Tensor) -> torch.Tensor | None:
+    """U upper with U^T U = H^-1 in H's memory (a view of it), or None when H is not positive definite. LAPACK works
+    on the upper triangle of H's Fortran-order view, i.e. H's lower triangle, and leaves the strict upper one."""
+    fortran = H.numpy().T
+    for step in (lambda: lapack.dpotrf(fortran, lower=0, clean=0, overwrite_a=1),   # H = R^T R
+                 lambda: lapack.dpotri(fortran, lower=0, overwrite_c=1),             # H^-1 from R
+                 lambda: lapack.dpotrf(fortran, lower=0, clean=0, overwrite_a=1)):   # H^-1 = U^T U
+        out, info = step()
+        if out.ctypes.data != fortran.ctypes.data:
+            raise RuntimeError("scipy's LAPACK copied the Hessian instead of working in place")
+        if info != 0:
+            return None
+    H.tril_()  # the factor alone: H's lower triangle holds U^T
+    return H.mT
+
+
+def permute_symmetric_(H: torch.Tensor, perm: torch.Tensor) -> None:
+    """``H[perm][:, perm]`` in place, row by row along the permutation's cycles, then column by column (one row
+    held at a time instead of two n x n copies)."""
+    order = perm.tolist()
+    for view in (H, H.mT):
+        seen = [False] * len(order)
+        for start in range(len(order)):
+            if seen[start] or order[start] == start:
+                continue
+            saved, i = view[start].clone(), start
+            seen[start] = True
+            while order[i] != start:
+                view[i] = view[order[i]]
+                i = order[i]
+                seen[i] = True
+            view[i] = saved
 
 
 @dataclass
@@ -94,7 +153,7 @@ class GPTQResult:
 def gptq_quantize(
     W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size: int = 128, block_size: int = 128,
     damp: float = 0.01, scale_dtype: torch.dtype = torch.float16, static_groups: bool = False,
-    act_order: bool = False,
+    act_order: bool = False, overwrite_h: bool = False,
 ) -> GPTQResult:
     """GPTQ of ``W [m, n]`` against the Hessian ``H [n, n]`` (computed in float64).
 
@@ -102,6 +161,8 @@ def gptq_quantize(
     ``--static-groups``, also what llm-compressor does); by default a grid is chosen when its group is reached.
     ``act_order`` visits the columns by decreasing ``diag(H)`` and implies static groups (a group's columns are
     then not visited together, so its grid cannot be read from "the columns as updated so far").
+    ``overwrite_h``: H's memory is used as work space (permuted in place, then holding U), H is lost: one n x n
+    matrix for the whole computation.
     """
     W = W.double().clone()
     m, n = W.shape
@@ -117,9 +178,14 @@ def gptq_quantize(
     perm = torch.arange(n, device=W.device)
     if act_order:  # as the reference and llm-compressor: by the raw diagonal (dead columns, H_jj = 0, go last)
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+        if overwrite_h:
+            permute_symmetric_(H, perm)
+        else:
+            H, overwrite_h = H[perm][:, perm], True  # a copy of ours
     group_of = perm // g  # the (original, contiguous) group of the column visited at each position
-    U, dead, damp_used = inverse_hessian_factor(H, W, damp)
+    U, dead, damp_used = inverse_hessian_factor(H, W, damp, overwrite=overwrite_h)
+    del H
 
     codes = torch.zeros_like(W)
     Q = torch.zeros_like(W)
@@ -153,7 +219,7 @@ def gptq_quantize(
 def gptq_linear(
     W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, bias: torch.Tensor | None = None,
     block_size: int = 128, damp: float = 0.01, scale_dtype: str = "float16", static_groups: bool = False,
-    act_order: bool = False,
+    act_order: bool = False, overwrite_h: bool = False,
 ) -> tuple[QuantLinear, GPTQResult]:
     """GPTQ of ``W`` against ``H`` stored as the :class:`QuantLinear` holding exactly the codes and grids chosen (on
     W's device), and the :class:`GPTQResult`. Shared by :class:`GPTQ` and the GPTQ-quantized low-rank factors
@@ -161,6 +227,7 @@ def gptq_linear(
     result = gptq_quantize(
         W, H, bits=bits, group_size=group_size, block_size=block_size, damp=damp,
         scale_dtype=SCALE_DTYPES[scale_dtype], static_groups=static_groups, act_order=act_order,
+        overwrite_h=overwrite_h,
     )
     module = QuantLinear.from_codes(
         result.codes, result.scales, result.zeros, bits=bits, group_size=group_size, bias=bias,
@@ -214,7 +281,7 @@ class GPTQ:
         module, result = gptq_linear(
             W, hessian(stats.covariance, stats.tokens), bits=self.bits, group_size=self.group_size,
             bias=linear.bias, block_size=self.block_size, damp=self.damp, scale_dtype=self.scale_dtype,
-            static_groups=self.static_groups, act_order=self.act_order,
+            static_groups=self.static_groups, act_order=self.act_order, overwrite_h=True,  # H is ours
         )
         codes, scales, zeros = rtn_quantize(W.double(), self.bits, self.group_size, scale_dtype)
         g = W.shape[1] // scales.shape[1]

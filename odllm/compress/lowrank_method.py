@@ -26,7 +26,13 @@ from odllm.compress.align import align_layer
 from odllm.compress.allocation import IMPORTANCE, choose_ranks
 from odllm.compress.driver import Streams, compare_layers, compress_layers
 from odllm.compress.grid import check_bits
-from odllm.compress.lowrank import LowRankLinear, cholesky_with_jitter, factorize, rank_for_ratio, singular_values
+from odllm.compress.lowrank import (
+    CholeskyInPlace,
+    LowRankLinear,
+    factorize,
+    rank_for_ratio,
+    singular_values,
+)
 from odllm.compress.statistics import LinearStatistics, capture_inputs, product
 from odllm.compress.storage import storage
 
@@ -74,19 +80,27 @@ def factorise_linear(
         raise ValueError(f"{name}: rank {k} is outside [1, min(m, n) = {min(m, n)}] for a {m}x{n} matrix")
     if k is None or k * (m + n) >= m * n:
         return None, entry, None
-    S, jitter = cholesky_with_jitter(C)
-    if jitter:
-        log.info("%s: input covariance is singular, added jitter %.3g * I before Cholesky", name, jitter)
-    W = linear.weight.double()
-    if whiten == "asvd":
-        scaling = torch.diag(asvd_scaling(abs_mean, alpha))
-    else:
-        scaling = S if whiten else None
-    B, A, sigma = factorize(W, scaling, k)
-    whitened = sigma if whiten is True else singular_values(W @ S)
-    module = LowRankLinear.from_factors(B.to(linear.weight.dtype), A.to(linear.weight.dtype), linear.bias)
-    D = W - module.B.weight.double() @ module.A.weight.double()
-    error, energy = ((D @ C) * D).sum().item(), ((W @ C) * W).sum().item()
+    # memory: C's own buffer holds S = chol(C) until restore() gives C back (one n x n matrix, 0.5 GiB at width
+    # 8192), and both error terms need only S: tr(D C D^T) = ||D S||_F^2 - jitter ||D||_F^2, the same for W
+    S = CholeskyInPlace(C)
+    try:
+        jitter = S.jitter
+        if jitter:
+            log.info("%s: input covariance is singular, added jitter %.3g * I before Cholesky", name, jitter)
+        W = linear.weight.double()
+        if whiten == "asvd":
+            scaling = torch.diag(asvd_scaling(abs_mean, alpha))
+        else:
+            scaling = S if whiten else None
+        B, A, sigma = factorize(W, scaling, k)
+        whitened = sigma if whiten is True else singular_values(S.right(W))
+        module = LowRankLinear.from_factors(B.to(linear.weight.dtype), A.to(linear.weight.dtype), linear.bias)
+        energy = S.square_norm(W) - jitter * W.square().sum().item()
+        D = W if W is not linear.weight else W.clone()  # W - B A in W's float64 copy: no further m x n matrix
+        D.addmm_(module.B.weight.double(), module.A.weight.double(), alpha=-1)
+        error = S.square_norm(D) - jitter * D.square().sum().item()
+    finally:
+        S.restore()
     entry.update(
         rank=k,
         params_after=sum(p.numel() for p in module.parameters()),

@@ -54,12 +54,14 @@ class SparseGPTResult:
 @torch.no_grad()
 def sparsegpt_prune(
     W: torch.Tensor, H: torch.Tensor, *, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0,
-    block_size: int = 128, damp: float = 0.01,
+    block_size: int = 128, damp: float = 0.01, overwrite_h: bool = False,
 ) -> SparseGPTResult:
-    """SparseGPT of ``W [m, n]`` against ``H [n, n]`` (float64): unstructured at ``sparsity``, or n:m."""
+    """SparseGPT of ``W [m, n]`` against ``H [n, n]`` (float64): unstructured at ``sparsity``, or n:m.
+    ``overwrite_h``: H's memory becomes U (H is lost; one n x n matrix, as in GPTQ)."""
     W = W.double().clone()
     rows, cols = W.shape
-    U, dead, damp_used = inverse_hessian_factor(H.to(W.device, torch.float64), W, damp)
+    U, dead, damp_used = inverse_hessian_factor(H.to(W.device, torch.float64), W, damp, overwrite=overwrite_h)
+    del H
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     losses = torch.zeros(rows, dtype=torch.float64, device=W.device)
     for i1 in range(0, cols, block_size):
@@ -124,7 +126,7 @@ class SparseGPT:
         W = linear.weight.detach()
         result = sparsegpt_prune(
             W, hessian(stats.covariance, stats.tokens), sparsity=self.sparsity, prune_n=n, prune_m=m,
-            block_size=self.block_size, damp=self.damp,
+            block_size=self.block_size, damp=self.damp, overwrite_h=True,  # H is ours
         )
         pattern = f"{n}:{m}" if m else "unstructured"
         module = SparseLinear.from_dense(result.weight.to(W.dtype), result.kept, linear.bias, pattern).to(W.device)

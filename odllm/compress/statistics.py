@@ -40,6 +40,17 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.to(dtype).T @ b.to(dtype)).double()
 
 
+def accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``total += a^T b`` (float64 ``total``). On the CPU the product goes straight into the sum (``addmm_``): no
+    second n x n matrix (0.5 GiB at width 8192) beside it; elsewhere the float32 product of :func:`product` is
+    added."""
+    if accumulation_dtype(a.device) == torch.float64:
+        a64 = a.double()
+        total.addmm_(a64.mT, a64 if b is a else b.double())
+    else:
+        total += product(a, b)
+
+
 def _device(module: nn.Module) -> torch.device:
     """Where a module's weights live: its parameters, or its buffers (a quantized linear holds only buffers)."""
     for tensor in (*module.parameters(), *module.buffers()):
@@ -60,7 +71,7 @@ class InputCovariances:
     """Forward pre-hooks that sum C = sum x x^T and sum |x| (float64) and count tokens per named module.
 
     Memory is n x n per module whatever the calibration size (``abs_sum``, n per module, feeds ASVD). Modules
-    that read the same tensor (q/k/v, gate/up) share one product per forward, and ``groups`` records them in
+    that read the same tensor (q/k/v, gate/up) share its real tokens per forward, and ``groups`` records them in
     call order: the true-sequential order in which a layer's linears can be refit. Set ``mask`` before each
     forward.
     """
@@ -104,13 +115,13 @@ class InputCovariances:
             new_input = x is not self._last[0]
             if new_input:
                 t = real_tokens(x, self.mask)
-                self._last = (x, product(t, t), t.abs().double().sum(0))
+                self._last = (x, t, t.abs().double().sum(0))
             if not any(name in group for group in self.groups):
                 if new_input:
                     self.groups.append([name])
                 else:
                     self.groups[-1].append(name)
-            self.covariance[name] += self._last[1]
+            accumulate(self.covariance[name], self._last[1], self._last[1])  # per module: no n x n temporary
             self.abs_sum[name] += self._last[2]
             self.tokens[name] += int(self.mask.sum())
 
@@ -176,3 +187,21 @@ def input_groups(
             handle.remove()
     missing = [name for name in modules if not any(name in group for group in groups)]
     return groups + [missing] if missing else groups
+
+
+MIRROR_BLOCK = 512  # rows per block when one triangle of a covariance is copied onto the other
+
+
+def mirror(C: torch.Tensor, from_lower: bool, block: int = MIRROR_BLOCK) -> None:
+    """Copies C's strict lower triangle onto its strict upper one (``from_lower``) or back, in place, one block of
+    rows at a time (no n x n temporary)."""
+    n = C.shape[0]
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        diagonal = C[i:j, i:j]
+        if from_lower:
+            C[i:j, j:] = C[j:, i:j].mT
+            diagonal.copy_(diagonal.tril() + diagonal.tril(-1).mT)
+        else:
+            C[j:, i:j] = C[i:j, j:].mT
+            diagonal.copy_(diagonal.triu() + diagonal.triu(1).mT)

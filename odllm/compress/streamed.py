@@ -3,7 +3,9 @@
 The dense model is never resident. A skeleton is built on the ``meta`` device from config.json; only the
 modules outside the decoder layers (embeddings, final norm, lm_head, the rotary module, whose non-persistent
 ``inv_freq`` is rebuilt on the device) are read from the shards. The calibration batches go through the skeleton
-up to layer 0 (:func:`odllm.compress.driver.layer_inputs`: the layers are never run), then per layer i:
+up to layer 0 (:func:`odllm.compress.driver.layer_inputs`: the layers are never run); the modules outside the
+layers are then final (int8 with ``embeddings: int8``): they go to the last shard, ``model-<n+1>-of-<n+1>``, and are
+freed (moved to ``meta``) before any layer is read. Then per layer i:
 
 1. its tensors are read from the shards (``safe_open``, tensor by tensor, by the index's ``weight_map``) into a
    copy of the meta layer, in the dtype config.json names;
@@ -14,20 +16,21 @@ up to layer 0 (:func:`odllm.compress.driver.layer_inputs`: the layers are never 
    rewritten last (the commit point); then the layer is freed.
 
 A killed run re-run with the same command resumes after the last committed layer (the streams it saved are the
-exact inputs of the next layer, so the result equals an uninterrupted run); a work directory of another run
-(other method, calibration or checkpoint: ``progress.json`` holds a fingerprint) is discarded. At the end the
-modules outside the layers (int8 with ``embeddings: int8``) go to the last shard, the index, compression.json,
-config, tokenizer and item index are added, and the directory is swapped in atomically
+exact inputs of the next layer, so the result equals an uninterrupted run; a resumed run reads the embeddings
+again to rebuild the layer arguments and rewrites the last shard); a work directory of another run (other method,
+calibration or checkpoint: ``progress.json`` holds a fingerprint) is discarded. At the end the index,
+compression.json, config, tokenizer and item index are added, and the directory is swapped in atomically
 (:func:`odllm.files.write_directory_atomically`).
 
-Peak memory: the embeddings and head, one dense layer and its compressed modules, the two streams and one group
-of linears' statistics (and what the method builds from them), whatever the depth. ``memory`` in the report
-accounts for each part.
+Peak memory: the embeddings and head until layer 0's inputs exist, then one dense layer and its compressed modules,
+the two streams and one group of linears' statistics (and what the method builds from them: about one n x n float64
+matrix, see ``docs/scale.md``), whatever the depth. ``memory`` in the report accounts for each part.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import hashlib
 import json
 import logging
@@ -188,6 +191,24 @@ def resident_bytes() -> int:
     return 0
 
 
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Makes glibc give freed blocks of ``threshold`` bytes and more back to the system at once (``mallopt``) and
+    trims its heap now (``malloc_trim``); False where there is no glibc.
+
+    By default glibc's mmap threshold grows to 32 MiB after the first large free, so the many 8-32 MiB
+    temporaries of a layer (activations, blocks of the n x n work) then come from its heap, which fragments and is
+    not returned: measured 0.5 GiB of [heap] between layers on the LLaMA-1B shape. Fixed at 1 MiB they are mapped
+    and unmapped one by one (a page fault per page, negligible beside the float64 solves)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, threshold)
+    libc.malloc_trim(0)
+    return True
+
+
 def peak_resident_bytes() -> int:
     """The process's peak resident memory so far (bytes)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -281,10 +302,29 @@ def _compress_one(layer: nn.Module, name: str, index: int, streams: Streams, alg
     }
 
 
-def _report(records: list[dict], algorithm: LayerAlgorithm, masks: list, model: nn.Module, rest_before: dict,
-            embeddings: str | None) -> dict:
+def write_outside(model: nn.Module, layers: nn.ModuleList, embeddings: str | None, shard: Path) -> dict:
+    """The modules outside the decoder layers in their final form (the int8 table and head with ``embeddings:
+    int8``) written to ``shard``, then moved to the meta device (their memory freed: 0.49 GiB for LLaMA-1B's tied
+    128k x 2048 bf16 table); returns what the report needs of them (weight map, specs, storage, the int8 entries)."""
+    prefix = _prefix(model, layers) + "."
+    stub = {"totals": {"model": {"params_before": 1, "bytes_before": 1}}, "settings": {}}  # its totals: unused
+    compress_embeddings(model, embeddings, stub)
+    roots = list(outside_roots(model, layers))
+    record = {
+        "after": storage(roots),
+        "specs": {k: v for k, v in compression_specs(model).items() if not k.startswith(prefix)},
+        "weight_map": _save_tensors({n: t for n, t in model.state_dict().items() if not n.startswith(prefix)}, shard),
+        "embeddings": stub.get("embeddings"), "embeddings_setting": stub["settings"].get("embeddings"),
+    }
+    for root in roots:
+        root.to("meta")
+    return record
+
+
+def _report(records: list[dict], algorithm: LayerAlgorithm, masks: list, rest_before: dict, outside: dict) -> dict:
     """The report :func:`odllm.compress.driver.compress_layers` gives, from the layers' records; sizes summed as
-    the modules outside the layers plus each layer (no tensor is shared across them)."""
+    the modules outside the layers (``outside``: :func:`write_outside`) plus each layer (no tensor is shared across
+    them)."""
     if hasattr(algorithm, "spectra"):
         for record in records:
             algorithm.spectra.update(record["spectra"])
@@ -303,10 +343,11 @@ def _report(records: list[dict], algorithm: LayerAlgorithm, masks: list, model: 
                          {"decoder_linear": summed("after", "decoder_linear"),
                           "model": summed("after", "model", rest_before)}),
     }
-    layers = decoder_layers(model)
-    compress_embeddings(model, embeddings, report)  # int8 table and head, or nothing; the whole model's size again:
+    if outside["embeddings"] is not None:  # int8 table and head, as compress_embeddings reports them
+        report["settings"]["embeddings"] = outside["embeddings_setting"]
+        report["embeddings"] = outside["embeddings"]
     report["totals"].update(totals({"model": summed("before", "model", rest_before)},
-                                   {"model": summed("after", "model", storage(outside_roots(model, layers)))}))
+                                   {"model": summed("after", "model", outside["after"])}))
     return report
 
 
@@ -324,7 +365,8 @@ def compress_streamed(
     """
     started = time.perf_counter()
     model_dir, target, device = Path(model_dir), Path(target), torch.device(device)
-    memory = {"baseline_rss_bytes": baseline_rss, "rss_before_weights_bytes": resident_bytes()}
+    memory = {"baseline_rss_bytes": baseline_rss, "glibc_returns_freed_memory": return_freed_memory(),
+              "rss_before_weights_bytes": resident_bytes()}
     reader = ShardReader(model_dir)
     model = skeleton(model_dir)
     layers = decoder_layers(model)
@@ -342,11 +384,15 @@ def compress_streamed(
     work = target.with_name(f".{target.name}.partial")
     run = fingerprint(model_dir, reader, batches, algorithm, {"embeddings": embeddings, "device": device.type})
     done = _load_progress(work, run)
+    count = len(layers) + 1  # a shard per layer, then the modules outside the layers
+    outside = write_outside(model, layers, embeddings, work / _shard_name(len(layers), count))  # and freed
+    return_freed_memory()
+    memory.update(outside_modules="written to the last shard and freed once layer 0's inputs were computed",
+                  rss_after_outside_freed_bytes=resident_bytes())
     if done >= 0:
         saved = torch.load(work / f"streams-{done}.pt", map_location=device)
         streams.X, streams.Xc = saved["X"], saved["Xc"]
         log.info("resuming %s after layer %d (%s)", target, done, work)
-    count = len(layers) + 1  # a shard per layer, then the modules outside the layers
     for i in tqdm(range(done + 1, len(layers)), desc="compress layers (streamed)", disable=not progress):
         layer = read_layer(layers[i], f"{prefix}.{i}", reader, device)
         record = _compress_one(layer, f"{prefix}.{i}", i, streams, algorithm, work / _shard_name(i, count))
@@ -357,16 +403,15 @@ def compress_streamed(
                                                                                tmp))
         write_json(work / PROGRESS, {"fingerprint": run, "done": i, "layers": len(layers)})
         (work / f"streams-{i - 1}.pt").unlink(missing_ok=True)
+        return_freed_memory()
         log.info("layer %d/%d compressed in %.1f s, peak RSS %.2f GiB", i + 1, len(layers),
                  record["memory"]["seconds"], peak_resident_bytes() / 2**30)
 
     records = [json.loads((work / f"layer-{i:05d}.json").read_text()) for i in range(len(layers))]
-    report = _report(records, algorithm, masks, model, rest_before, embeddings)
+    report = _report(records, algorithm, masks, rest_before, outside)
     weight_map = {key: file for r in records for key, file in r["weight_map"].items()}
-    outside = {n: t for n, t in model.state_dict().items() if not n.startswith(prefix + ".")}
-    weight_map.update(_save_tensors(outside, work / _shard_name(len(layers), count)))  # a tied head once
-    specs = {**{k: v for r in records for k, v in r["specs"].items()},
-             **{k: v for k, v in compression_specs(model).items() if not k.startswith(prefix + ".")}}
+    weight_map.update(outside["weight_map"])  # a tied head once
+    specs = {**{k: v for r in records for k, v in r["specs"].items()}, **outside["specs"]}
     total = sum((work / f).stat().st_size for f in set(weight_map.values()))
 
     def write(tmp: Path) -> None:
