@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 MARKER = ".complete"  # written last into a directory save, removed first when one is deleted
 
 
+def output_path(out: str | Path, extension: str) -> Path:
+    """``<out><extension>``: a benchmark's ``out`` is a name stem, which may hold dots (``ratio-0.5``), so
+    ``Path.with_suffix`` would cut it."""
+    out = Path(out)
+    return out.with_name(out.name + extension)
+
+
 def write_file_atomically(path: str | Path, write: Callable[[Path], object]) -> None:
     """``write(temp path)``, then a rename over ``path``: a killed run never leaves a truncated file."""
     path = Path(path)

@@ -32,3 +32,10 @@ def test_failed_directory_write_keeps_the_old_directory(tmp_path):
         write_directory_atomically(target, broken)
     assert (target / "w").read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_output_path_keeps_dots_in_the_stem(tmp_path):
+    from odllm.files import output_path
+
+    assert output_path(tmp_path / "Instruments-ratio-0.5", ".json") == tmp_path / "Instruments-ratio-0.5.json"
+    assert output_path("out/ml-100k-inference", ".md").name == "ml-100k-inference.md"

@@ -26,7 +26,7 @@ from odllm.compress.pipeline import compress_recommender, load_dense
 from odllm.compress.registry import model_tag, uses_ratio
 from odllm.eval.generation import Recommendations
 from odllm.eval.protocol import public, sample_test_users, score_examples
-from odllm.files import write_file_atomically, write_json, write_text
+from odllm.files import output_path, write_file_atomically, write_json, write_text
 from odllm.model.recommender import Recommender
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
         dense_result = score_examples(dense.model, dense.encoder, dense.trie(), split.test, evaluation, pad_id, "dense")
         recommendations = dataclasses.asdict(dense_result["_recommendations"])
         stored = {"result": public(dense_result), "recommendations": recommendations}
-        write_file_atomically(out.with_suffix(".dense.pt"), lambda tmp: torch.save(stored, tmp))
+        write_file_atomically(output_path(out, ".dense.pt"), lambda tmp: torch.save(stored, tmp))
     payload = {
         "dataset": cfg.dataset.name,
         "test_users": len(split.test),
@@ -73,9 +73,9 @@ def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
 
 
 def write_outputs(out: Path, payload: dict) -> None:
-    write_json(out.with_suffix(".json"), payload)
-    write_text(out.with_suffix(".md"), markdown_table(payload))
-    frontier_plot(payload, out.with_suffix(".png"))
+    write_json(output_path(out, ".json"), payload)
+    write_text(output_path(out, ".md"), markdown_table(payload))
+    frontier_plot(payload, output_path(out, ".png"))
 
 
 def run_protocol(cfg: DictConfig, dense: Recommender, test_users: int) -> dict:
@@ -101,7 +101,7 @@ def run_key(method: dict, ratio: float | None) -> str:
 
 def previous_results(out: Path, protocol: dict) -> tuple[dict[str, dict], dict | None]:
     """Rows and the dense result of an earlier run of the same benchmark, for resuming a stopped run."""
-    path, dense_path = out.with_suffix(".json"), out.with_suffix(".dense.pt")
+    path, dense_path = output_path(out, ".json"), output_path(out, ".dense.pt")
     if not (path.exists() and dense_path.exists()):
         return {}, None
     previous = json.loads(path.read_text())

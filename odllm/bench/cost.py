@@ -32,7 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from odllm.compress.driver import decoder_layers
 from odllm.compress.lowrank_method import compress_model
 from odllm.data.batches import left_pad
-from odllm.files import write_json, write_text
+from odllm.files import output_path, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,8 @@ def run(out: str | Path, sizes: list[str], calibration: list[int], timeout: floa
         log.info("  %.1f s, peak ΔRSS %.0f MiB", records[-1]["seconds"], records[-1]["peak_rss_delta_mib"])
         payload = {"note": NOTE, "ratio": RATIO, "sequence_length": SEQ_LEN, "batch_size": BATCH_SIZE,
                    "records": records}
-        write_json(out.with_suffix(".json"), payload)  # after every run: partial results
-        write_text(out.with_suffix(".md"), markdown_tables(records))
+        write_json(output_path(out, ".json"), payload)  # after every run: partial results
+        write_text(output_path(out, ".md"), markdown_tables(records))
     return records
 
 

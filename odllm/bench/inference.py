@@ -44,7 +44,7 @@ from odllm.bench.profile import profile_report
 from odllm.bench.worker import WorkerProcess
 from odllm.checks import user_errors
 from odllm.data.dataset import leave_one_out, load_dataset
-from odllm.files import write_json, write_text
+from odllm.files import output_path, write_json, write_text
 from odllm.model.artifacts import dense_model_dir
 
 log = logging.getLogger(__name__)
@@ -255,9 +255,9 @@ def run_inference_benchmark(cfg: DictConfig) -> dict:
     if profiles:
         payload["profile"] = {label: p["breakdown"] for label, p in profiles.items()}
     out = Path(cfg.out)
-    write_json(out.with_suffix(".json"), payload)
-    write_text(out.with_suffix(".md"), markdown_report(payload))
-    plot(payload, out.with_suffix(".png"))
+    write_json(output_path(out, ".json"), payload)
+    write_text(output_path(out, ".md"), markdown_report(payload))
+    plot(payload, output_path(out, ".png"))
     if profiles:
         write_text(f"{out}-profile.txt", profile_report(payload, {k: p["operators"] for k, p in profiles.items()}))
     log.info("inference benchmark written to %s.{json,md,png}%s in %.0f s", out,

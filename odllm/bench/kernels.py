@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from odllm.compress.quant import QuantLinear
-from odllm.files import write_json, write_text
+from odllm.files import output_path, write_json, write_text
 
 SHAPES = [(256, 688), (688, 256), (2048, 8192)]  # (in, out): gate/up and down of the default model; LLaMA-1B up
 ROWS = (1, 20)
@@ -140,8 +140,8 @@ def main() -> None:
                     "threads": torch.get_num_threads()},
     }
     out = Path(args.out)
-    write_json(out.with_suffix(".json"), payload)
-    write_text(out.with_suffix(".md"), markdown(payload))
+    write_json(output_path(out, ".json"), payload)
+    write_text(output_path(out, ".md"), markdown(payload))
     print(markdown(payload))
 
 
