@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from odllm.compress.memory import peak_resident_bytes, resident_bytes
 from odllm.model.tokenizer import SPECIAL_TOKENS, add_item_tokens, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -161,23 +161,12 @@ def build_checkpoint(shape: str, out: str | Path, *, layers: int | None = None, 
     if item_codes is not None:
         item_codes.save(out)
         (out / "odllm.json").write_text(json.dumps({**(meta or {}), "random_weights": True, "shape": shape}, indent=2))
-    rss_before = _rss_bytes()
+    rss_before = resident_bytes()
     written = write_weights(config, out, seed, shard_mb)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_resident_bytes()
     return {"shape": shape, "layers": config.num_hidden_layers, "vocab_size": config.vocab_size,
             "item_tokens": added, **written, "seconds": time.perf_counter() - started,
             "rss_before_weights_bytes": rss_before, "peak_rss_bytes": peak}
-
-
-def _rss_bytes() -> int:
-    """The process's resident memory now (Linux /proc; 0 elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def dataset_items(name: str, overrides: Sequence[str]) -> tuple[list[str], object, dict]:

@@ -30,12 +30,10 @@ matrix, see ``docs/scale.md``), whatever the depth. ``memory`` in the report acc
 from __future__ import annotations
 
 import copy
-import ctypes
 import hashlib
 import json
 import logging
 import os
-import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -59,6 +57,7 @@ from odllm.compress.driver import (
     validate_layer,
 )
 from odllm.compress.embeddings import compress_embeddings
+from odllm.compress.memory import peak_resident_bytes, resident_bytes, return_freed_memory
 from odllm.compress.saved import compression_specs, rebuild_computed_buffers, saved_dtype, write_compression_config
 from odllm.compress.statistics import input_groups
 from odllm.compress.storage import sizes, storage, totals
@@ -180,40 +179,6 @@ def read_layer(meta_layer: nn.Module, prefix: str, reader: ShardReader, device: 
 
 
 # ------------------------------------------------------------------------------------------------- the run
-def resident_bytes() -> int:
-    """The process's resident memory now (Linux /proc; 0 elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def return_freed_memory(threshold: int = 1 << 20) -> bool:
-    """Makes glibc give freed blocks of ``threshold`` bytes and more back to the system at once (``mallopt``) and
-    trims its heap now (``malloc_trim``); False where there is no glibc.
-
-    By default glibc's mmap threshold grows to 32 MiB after the first large free, so the many 8-32 MiB
-    temporaries of a layer (activations, blocks of the n x n work) then come from its heap, which fragments and is
-    not returned: measured 0.5 GiB of [heap] between layers on the LLaMA-1B shape. Fixed at 1 MiB they are mapped
-    and unmapped one by one (a page fault per page, negligible beside the float64 solves)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, threshold)
-    libc.malloc_trim(0)
-    return True
-
-
-def peak_resident_bytes() -> int:
-    """The process's peak resident memory so far (bytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _tensor_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:

@@ -10,9 +10,9 @@ import lightning as L
 from omegaconf import DictConfig
 
 from odllm import config
+from odllm.compress.memory import resident_bytes
 from odllm.compress.pipeline import compress_recommender, load_dense, should_stream
 from odllm.compress.registry import build_algorithm
-from odllm.compress.streamed import resident_bytes
 from odllm.eval.protocol import sample_test_users
 from odllm.runner.loggers import log_results, run_logger
 
