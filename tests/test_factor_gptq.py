@@ -10,8 +10,9 @@ from omegaconf import OmegaConf
 from test_baselines import CONF, problem
 from test_compression import batches, logits, sequences, tiny_model
 
+from odllm.compress.cholesky import cholesky_with_jitter
 from odllm.compress.grid import dequantize
-from odllm.compress.lowrank import LowRankLinear, cholesky_with_jitter, factor_group_size, factorize
+from odllm.compress.lowrank import LowRankLinear, factor_group_size, factorize
 from odllm.compress.quant import QuantLinear, set_kernels
 from odllm.compress.registry import build_algorithm, compress_with, model_tag
 from odllm.compress.saved import load_compressed, save_compression_config

@@ -8,7 +8,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from odllm.compress.lowrank import LowRankLinear, cholesky_with_jitter, factorize, rank_for_ratio
+from odllm.compress.cholesky import cholesky_with_jitter
+from odllm.compress.lowrank import LowRankLinear, factorize, rank_for_ratio
 
 CONF = Path(__file__).parents[1] / "conf" / "method"
 

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from odllm.compress import align
+from odllm.compress.cholesky import CholeskyInPlace, cholesky_with_jitter
 from odllm.compress.driver import Streams
 from odllm.compress.gptq import _factor, gptq_quantize, hessian, inverse_hessian_factor, permute_symmetric_
-from odllm.compress.lowrank import CholeskyInPlace, LowRankLinear, cholesky_with_jitter, factorize
+from odllm.compress.lowrank import LowRankLinear, factorize
 from odllm.compress.lowrank_method import factorise_linear
 from odllm.compress.sparsegpt import sparsegpt_prune
 from odllm.compress.statistics import accumulate, mirror, product

@@ -21,8 +21,9 @@ import copy
 
 import torch
 
+from odllm.compress.cholesky import CholeskyInPlace, cholesky_with_jitter
 from odllm.compress.driver import Streams, compare_layers
-from odllm.compress.lowrank import CholeskyInPlace, LowRankLinear, cholesky_with_jitter, factorize
+from odllm.compress.lowrank import LowRankLinear, factorize
 from odllm.compress.statistics import accumulate, accumulation_dtype, capture_inputs
 
 BLOCK = 512  # rows of W converted to float64 at a time, columns per block of the error's cross term
@@ -48,7 +49,7 @@ def refit_group(
     - ``factors="BA"``: the best rank-k M for the compressed stream (reduced-rank regression): the
       unconstrained fit W* = P C'^{-1}, truncated in the C' norm, i.e. ``factorize(W*, chol(C'), k)``,
       the whitened SVD of step 2 again, now on what the layer really sees and aimed at the original output.
-      C' + lambda I is overwritten by its Cholesky factor S (:class:`odllm.compress.lowrank.CholeskyInPlace`), and
+      C' + lambda I is overwritten by its Cholesky factor S (:class:`odllm.compress.cholesky.CholeskyInPlace`), and
       the whitened target is W* S = P S^{-T}: its truncated SVD B A' gives A = A' S^{-1}.
 
     A refit is kept only where E falls. Returns per linear the relative errors and the decision.

@@ -31,8 +31,9 @@ import logging
 import torch
 from torch import nn
 
+from odllm.compress.cholesky import cholesky_with_jitter
 from odllm.compress.driver import decoder_layers, forward_layer, layer_inputs
-from odllm.compress.lowrank import cholesky_with_jitter, factorize, rank_for_ratio, singular_values
+from odllm.compress.lowrank import factorize, rank_for_ratio, singular_values
 from odllm.compress.statistics import InputCovariances
 
 log = logging.getLogger(__name__)

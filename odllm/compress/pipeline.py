@@ -24,8 +24,9 @@ from odllm.compress.heal import heal
 from odllm.compress.lowrank_method import LowRank
 from odllm.compress.registry import algorithm_name, build_algorithm, model_tag, uses_ratio
 from odllm.compress.saved import load_recommender, save_compression_config
+from odllm.compress.shards import skeleton
 from odllm.compress.spectra import plot_ranks, plot_spectra
-from odllm.compress.streamed import compress_streamed, skeleton
+from odllm.compress.streamed import compress_streamed
 from odllm.data.batches import left_pad
 from odllm.data.dataset import DatasetSource, Split, leave_one_out, load_dataset
 from odllm.data.prompts import SeqRecEncoder, build_training_samples
