@@ -116,14 +116,21 @@ def streaming_refusal(method: Mapping) -> str | None:
     return None
 
 
+def check_streamable(method: Mapping) -> None:
+    """A method that needs the whole model resident, asked to stream: an error naming stream=false."""
+    refusal = streaming_refusal(method)
+    if refusal:
+        raise ValueError(f"method {method['name']!r} cannot run with stream=true: {refusal}; use stream=false "
+                         "(the whole model in memory)")
+
+
 def should_stream(model_dir: str | Path, stream: bool | str, method: Mapping) -> bool:
     """``stream``: true, false or "auto" (a checkpoint with a shard index whose weights exceed
     :data:`STREAM_AUTO_BYTES`, unless the method needs the whole model). stream=true with such a method is an
     error naming stream=false."""
+    if stream is True:
+        check_streamable(method)
     refusal = streaming_refusal(method)
-    if stream is True and refusal:
-        raise ValueError(f"method {method['name']!r} cannot run with stream=true: {refusal}; use stream=false "
-                         "(the whole model in memory)")
     if stream != "auto":
         return bool(stream)
     size = _safetensors_bytes(model_dir) or 0
@@ -162,9 +169,7 @@ def compress_recommender(
     target = compressed_model_dir(job.models_dir, job.dataset, method, ratio)
     started = time.perf_counter()
     if job.stream:
-        refusal = streaming_refusal(method)
-        if refusal:
-            raise ValueError(f"method {method['name']!r} cannot be streamed: {refusal}; use stream=false")
+        check_streamable(method)
         report, model_dir = compress_streamed(
             dense.meta["model_dir"], target, batches, algorithm, embeddings=method.get("embeddings"),
             write_extra=lambda d: _write_recommender_files(dense, {**dense.meta, "compression": about}, d),
