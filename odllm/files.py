@@ -10,14 +10,16 @@ copy when a kill fell between the two renames, and removes the leftovers.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -171,3 +173,33 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, payload: dict) -> None:
     write_text(path, json.dumps(payload, indent=2, default=str))
+
+
+class BusyError(RuntimeError):
+    """Another live process holds the lock on an output."""
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, what: str) -> Iterator[None]:
+    """Holds an exclusive lock on ``path`` (a lock file; ``fcntl.flock``, released by the kernel if the process
+    dies) for the block, so that two runs writing the same output (``what``) cannot interleave; a second run
+    fails at once, naming the holder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise BusyError(f"{what} is being written by {holder} (lock {path}); wait for it to finish or "
+                            "write elsewhere") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,7 +1,10 @@
 """Atomic writes: a failed write keeps the old file and leaves no temp file behind."""
 
+import os
+
 import pytest
 
+from odllm import files
 from odllm.files import write_directory_atomically, write_file_atomically, write_json
 
 
@@ -39,3 +42,13 @@ def test_output_path_keeps_dots_in_the_stem(tmp_path):
 
     assert output_path(tmp_path / "Instruments-ratio-0.5", ".json") == tmp_path / "Instruments-ratio-0.5.json"
     assert output_path("out/ml-100k-inference", ".md").name == "ml-100k-inference.md"
+
+
+def test_exclusive_refuses_a_second_writer_and_frees_on_exit(tmp_path):
+    lock = tmp_path / ".model.lock"
+    with files.exclusive(lock, "the model"):
+        with pytest.raises(files.BusyError, match=rf"the model is being written by pid {os.getpid()}"):
+            with files.exclusive(lock, "the model"):
+                pass
+    with files.exclusive(lock, "the model"):  # released: taken again
+        pass

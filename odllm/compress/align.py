@@ -24,7 +24,7 @@ import torch
 from odllm.compress.cholesky import CholeskyInPlace, cholesky_with_jitter
 from odllm.compress.driver import Streams, compare_layers
 from odllm.compress.lowrank import LowRankLinear, factorize
-from odllm.compress.statistics import accumulate, accumulation_dtype, capture_inputs
+from odllm.compress.statistics import ROWS, accumulate, accumulation_dtype, capture_inputs
 
 BLOCK = 512  # rows of W converted to float64 at a time, columns per block of the error's cross term
 
@@ -66,28 +66,40 @@ def refit_group(
         a = capture_inputs(original, x, kw, {first: dense[first]}, mask)[first]
         b = capture_inputs(layer, xc, kw, {first: group[first]}, mask)[first]
         accumulate(Cc, b, b)
-        a = a.to(dtype)
-        for name, module in dense.items():
-            y = _outputs(a, module.weight, dtype)  # W x per token, the dense output the refit aims at
-            accumulate(P[name], y, b)
-            energies[name] += y.double().square().sum().item()
+        for a_rows, b_rows in zip(a.split(ROWS), b.split(ROWS), strict=True):  # float64 copies of ROWS tokens
+            a_rows = a_rows.to(dtype)
+            for name, module in dense.items():
+                y = _outputs(a_rows, module.weight, dtype)  # W x per token, the dense output the refit aims at
+                accumulate(P[name], y, b_rows)
+                energies[name] += y.double().square().sum().item()
     S, shift = None, 0.0
     if factors != "B":  # C' + lambda I and its factor, the same for every linear of the group, in C''s memory
         shift = ridge * Cc.trace().item() / n  # lambda
         Cc.diagonal().add_(shift)
         S = CholeskyInPlace(Cc)
 
-    def error(B: torch.Tensor, A: torch.Tensor, AS: torch.Tensor, target: torch.Tensor, energy: float) -> float:
-        """E(B A) from k x k and k x block products: tr(M C' M^T) = <B^T B, A C' A^T>, tr(M P^T) = <A, B^T P>;
-        with S, C' = S S^T - (lambda + jitter) I, P = target S^T and AS = A S; without, AS = A and target = P."""
+    def fit_terms(B: torch.Tensor, AS_blocks, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(A S)(A S)^T and tr(B A S target^T) = <B^T target, A S>, from column blocks ``(j0, j1, (A S)[:, j0:j1])``:
+        with S, P = target S^T, so the second is tr(M P^T); A S is never needed whole."""
+        gram = torch.zeros(B.shape[1], B.shape[1], dtype=torch.float64, device=B.device)
+        cross = 0.0
+        for j0, j1, part in AS_blocks:
+            gram.addmm_(part, part.mT)
+            cross += ((B.mT @ target[:, j0:j1]) * part).sum().item()
+        return gram, cross
+
+    def error(B: torch.Tensor, A: torch.Tensor, gram: torch.Tensor, cross: float, energy: float) -> float:
+        """E(B A) = tr(M C' M^T) - 2 tr(M P^T) + energy with tr(M C' M^T) = <B^T B, A C' A^T>; with S,
+        A C' A^T = (A S)(A S)^T - (lambda + jitter) A A^T (C' = S S^T - (lambda + jitter) I), and ``gram`` and
+        ``cross`` are :func:`fit_terms`; without, ``gram`` = A C' A^T."""
         BtB = B.mT @ B
-        if S is None:
-            quadratic = (BtB * (A @ Cc @ A.mT)).sum().item()
-        else:
-            quadratic = (BtB * (AS @ AS.mT)).sum().item() - (shift + S.jitter) * (BtB * (A @ A.mT)).sum().item()
-        cross = sum(((B.mT @ target[:, j : j + BLOCK]) * AS[:, j : j + BLOCK]).sum().item()
-                    for j in range(0, target.shape[1], BLOCK))
+        quadratic = (BtB * gram).sum().item()
+        if S is not None:
+            quadratic -= (shift + S.jitter) * (BtB * (A @ A.mT)).sum().item()
         return quadratic - 2 * cross + energy
+
+    def columns(M: torch.Tensor):
+        return ((j, j + BLOCK, M[:, j : j + BLOCK]) for j in range(0, M.shape[1], BLOCK))
 
     results = {}
     for name, module in group.items():
@@ -95,18 +107,24 @@ def refit_group(
         A0, B0 = module.A.weight.double(), module.B.weight.double()
         if factors == "B":
             target = P.pop(name)
-            before = error(B0, A0, A0, target, energy)
             G = A0 @ Cc @ A0.mT
+            before = error(B0, A0, G, fit_terms(B0, columns(A0), target)[1], energy)
             L, _ = cholesky_with_jitter(G + ridge * G.trace() / k * torch.eye(k, dtype=G.dtype, device=G.device))
             B, A = torch.cholesky_solve((target @ A0.mT).mT, L).mT, A0
-            after = error(B, A, A, target, energy)
+            after = error(B, A, A @ Cc @ A.mT, fit_terms(B, columns(A), target)[1], energy)
+            del target
         else:
+            # memory at width 8192 (down_proj): besides C' (n x n) only target (m x n) and k x n factors, one or
+            # two at a time; A S comes block by block, and target goes before A = (A S) S^{-1} is solved
             target = S.solve_left_transposed(P.pop(name))  # W* S = P S^{-T}, [m, n], in P's memory
-            before = error(B0, A0, S.right(A0), target, energy)
+            before = error(B0, A0, *fit_terms(B0, S.blocks(A0), target), energy)
+            del A0, B0  # the module keeps its factors; their float64 copies go before the SVD
             B, AS, _ = factorize(target, None, k)  # its truncated SVD: B A S with A S = AS
+            gram, cross = fit_terms(B, columns(AS), target)
+            del target
             A = S.solve_right(AS)
-            after = error(B, A, AS, target, energy)
-        del target
+            del AS
+            after = error(B, A, gram, cross, energy)
         if after < before:
             module.B.weight.copy_(B)
             module.A.weight.copy_(A)

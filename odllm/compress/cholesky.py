@@ -91,7 +91,7 @@ class CholeskyInPlace:
             self.C.diagonal().copy_(self.diagonal)
         return self.C
 
-    def _blocks(self, M: torch.Tensor, block: int = MIRROR_BLOCK):
+    def blocks(self, M: torch.Tensor, block: int = MIRROR_BLOCK):
         """Column blocks ``(j0, j1, (M S)[:, j0:j1])``: S's lower triangle only, one block at a time."""
         M, S, n = M.double(), self.S, self.S.shape[0]
         for j0 in range(0, n, block):
@@ -104,20 +104,20 @@ class CholeskyInPlace:
     def right(self, M: torch.Tensor) -> torch.Tensor:
         """M S ([rows, n], float64)."""
         out = torch.empty(M.shape[0], self.S.shape[0], dtype=torch.float64, device=M.device)
-        for j0, j1, part in self._blocks(M):
+        for j0, j1, part in self.blocks(M):
             out[:, j0:j1] = part
         return out
 
     def gram(self, M: torch.Tensor) -> torch.Tensor:
         """(M S)(M S)^T ([rows, rows]) without holding M S."""
         out = torch.zeros(M.shape[0], M.shape[0], dtype=torch.float64, device=M.device)
-        for _, _, part in self._blocks(M):
+        for _, _, part in self.blocks(M):
             out.addmm_(part, part.mT)
         return out
 
     def square_norm(self, M: torch.Tensor) -> float:
         """||M S||_F^2 = tr(M (C + jitter I) M^T) without holding M S."""
-        return sum(part.square().sum().item() for _, _, part in self._blocks(M))
+        return sum(part.square().sum().item() for _, _, part in self.blocks(M))
 
     def solve_right(self, A: torch.Tensor) -> torch.Tensor:
         """A S^{-1} (the triangular solve reads S's lower triangle only)."""

@@ -40,15 +40,22 @@ def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.to(dtype).T @ b.to(dtype)).double()
 
 
+ROWS = 512  # tokens converted to the accumulation dtype at a time: at width 8192, 32 MiB of float64, not a batch's
+
+
 def accumulate(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``total += a^T b`` (float64 ``total``). On the CPU the product goes straight into the sum (``addmm_``): no
-    second n x n matrix (0.5 GiB at width 8192) beside it; elsewhere the float32 product of :func:`product` is
-    added."""
-    if accumulation_dtype(a.device) == torch.float64:
-        a64 = a.double()
-        total.addmm_(a64.mT, a64 if b is a else b.double())
-    else:
-        total += product(a, b)
+    """``total += a^T b`` (float64 ``total``), :data:`ROWS` tokens at a time, so that the float64 copies of a
+    batch's activations are never whole (a 16-prompt batch at width 8192 is 0.2 GiB of them). On the CPU each
+    product goes straight into the sum (``addmm_``): no second n x n matrix (0.5 GiB at width 8192) beside it;
+    elsewhere the float32 product of :func:`product` is added."""
+    for r in range(0, a.shape[0], ROWS):
+        a_rows = a[r : r + ROWS]
+        b_rows = a_rows if b is a else b[r : r + ROWS]
+        if accumulation_dtype(a.device) == torch.float64:
+            a64 = a_rows.double()
+            total.addmm_(a64.mT, a64 if b is a else b_rows.double())
+        else:
+            total += product(a_rows, b_rows)
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -115,7 +122,7 @@ class InputCovariances:
             new_input = x is not self._last[0]
             if new_input:
                 t = real_tokens(x, self.mask)
-                self._last = (x, t, t.abs().double().sum(0))
+                self._last = (x, t, sum(rows.abs().double().sum(0) for rows in t.split(ROWS)))
             if not any(name in group for group in self.groups):
                 if new_input:
                     self.groups.append([name])

@@ -59,7 +59,7 @@ from odllm.compress.saved import compression_specs, write_compression_config
 from odllm.compress.shards import ShardReader, layers_prefix, materialise_outside, outside_roots, read_layer, skeleton
 from odllm.compress.statistics import input_groups
 from odllm.compress.storage import sizes, storage, totals
-from odllm.files import write_directory_atomically, write_file_atomically, write_json
+from odllm.files import exclusive, write_directory_atomically, write_file_atomically, write_json
 from odllm.model.recommender import SHARD_INDEX
 
 log = logging.getLogger(__name__)
@@ -205,15 +205,26 @@ def _report(records: list[dict], algorithm: LayerAlgorithm, masks: list, rest_be
     return report
 
 
+def compress_streamed(model_dir: str | Path, target: str | Path, *args, **kwargs) -> tuple[dict, Path]:
+    """Compress the checkpoint in ``model_dir`` layer by layer into ``target``; returns ``(report, target)``.
+
+    Arguments: see :func:`_compress_streamed`. A lock file ``.<name>.lock`` beside ``target`` keeps a second run
+    from writing the same work directory at the same time (it fails at once, naming the first).
+    """
+    lock = Path(target).with_name(f".{Path(target).name}.lock")
+    with exclusive(lock, f"the streamed compression into {target}"):
+        result = _compress_streamed(model_dir, target, *args, **kwargs)
+        lock.unlink(missing_ok=True)
+    return result
+
+
 @torch.no_grad()
-def compress_streamed(
+def _compress_streamed(
     model_dir: str | Path, target: str | Path, batches: list[dict[str, torch.Tensor]], algorithm: LayerAlgorithm,
     *, write_extra: Callable[[Path], None], embeddings: str | None = None, device: torch.device | str = "cpu",
     progress: bool = True, baseline_rss: int | None = None,
 ) -> tuple[dict, Path]:
-    """Compress the checkpoint in ``model_dir`` layer by layer into ``target``; returns ``(report, target)``.
-
-    ``write_extra(directory)`` adds the files besides the weights (tokenizer, item index, odllm.json).
+    """``write_extra(directory)`` adds the files besides the weights (tokenizer, item index, odllm.json).
     ``embeddings``: None or "int8" (the embedding table and head, after the layers). The report has the keys of
     :func:`odllm.compress.driver.compress_layers` plus ``memory`` (bytes of each part, RSS) and ``streaming``.
     """
