@@ -34,6 +34,31 @@ def _outputs(a: torch.Tensor, W: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return torch.cat([a @ W[r : r + BLOCK].to(dtype).mT for r in range(0, W.shape[0], BLOCK)], dim=1)
 
 
+def _quadratic(A: torch.Tensor, C: torch.Tensor, rows: int = 128) -> torch.Tensor:
+    """A C A^T ([k, k], float64) for symmetric C, with float64 copies of ``rows`` rows and ``BLOCK`` columns of A at a
+    time (A may be the module's bf16 factor: no k x n float64 copy)."""
+    k, n = A.shape
+    G = torch.zeros(k, k, dtype=torch.float64, device=A.device)
+    for r in range(0, k, rows):
+        A_rows = A[r : r + rows].double()
+        for j in range(0, n, BLOCK):
+            G[r : r + rows] += (A_rows @ C[j : j + BLOCK].mT) @ A[:, j : j + BLOCK].double().mT  # C[j] = C[:, j]^T
+    return G
+
+
+def _cross(B: torch.Tensor, A: torch.Tensor, P: torch.Tensor) -> float:
+    """tr(B A P^T) = <B^T P, A>, a column block at a time."""
+    B = B.double()
+    return sum(((B.mT @ P[:, j : j + BLOCK]) * A[:, j : j + BLOCK].double()).sum().item()
+               for j in range(0, P.shape[1], BLOCK))
+
+
+def _error(B: torch.Tensor, quadratic: torch.Tensor, cross: float, energy: float) -> float:
+    """E(B A) = tr(M C' M^T) - 2 tr(M P^T) + tr(W C W^T) with tr(M C' M^T) = <B^T B, A C' A^T> (``quadratic``)."""
+    B = B.double()
+    return ((B.mT @ B) * quadratic).sum().item() - 2 * cross + energy
+
+
 def refit_group(
     original, layer, group: dict[str, LowRankLinear], streams: Streams, ridge: float, factors: str
 ) -> dict:
@@ -72,59 +97,39 @@ def refit_group(
                 y = _outputs(a_rows, module.weight, dtype)  # W x per token, the dense output the refit aims at
                 accumulate(P[name], y, b_rows)
                 energies[name] += y.double().square().sum().item()
+    # E of the current factors, from C' and P before either is overwritten (float64 copies of blocks only)
+    errors_before = {name: _error(module.B.weight, _quadratic(module.A.weight, Cc),
+                                  _cross(module.B.weight, module.A.weight, P[name]), energies[name])
+                     for name, module in group.items()}
     S, shift = None, 0.0
     if factors != "B":  # C' + lambda I and its factor, the same for every linear of the group, in C''s memory
         shift = ridge * Cc.trace().item() / n  # lambda
         Cc.diagonal().add_(shift)
         S = CholeskyInPlace(Cc)
 
-    def fit_terms(B: torch.Tensor, AS_blocks, target: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(A S)(A S)^T and tr(B A S target^T) = <B^T target, A S>, from column blocks ``(j0, j1, (A S)[:, j0:j1])``:
-        with S, P = target S^T, so the second is tr(M P^T); A S is never needed whole."""
-        gram = torch.zeros(B.shape[1], B.shape[1], dtype=torch.float64, device=B.device)
-        cross = 0.0
-        for j0, j1, part in AS_blocks:
-            gram.addmm_(part, part.mT)
-            cross += ((B.mT @ target[:, j0:j1]) * part).sum().item()
-        return gram, cross
-
-    def error(B: torch.Tensor, A: torch.Tensor, gram: torch.Tensor, cross: float, energy: float) -> float:
-        """E(B A) = tr(M C' M^T) - 2 tr(M P^T) + energy with tr(M C' M^T) = <B^T B, A C' A^T>; with S,
-        A C' A^T = (A S)(A S)^T - (lambda + jitter) A A^T (C' = S S^T - (lambda + jitter) I), and ``gram`` and
-        ``cross`` are :func:`fit_terms`; without, ``gram`` = A C' A^T."""
-        BtB = B.mT @ B
-        quadratic = (BtB * gram).sum().item()
-        if S is not None:
-            quadratic -= (shift + S.jitter) * (BtB * (A @ A.mT)).sum().item()
-        return quadratic - 2 * cross + energy
-
-    def columns(M: torch.Tensor):
-        return ((j, j + BLOCK, M[:, j : j + BLOCK]) for j in range(0, M.shape[1], BLOCK))
-
     results = {}
     for name, module in group.items():
-        k, energy = module.rank, energies[name]
-        A0, B0 = module.A.weight.double(), module.B.weight.double()
+        k, energy, target = module.rank, energies[name], P.pop(name)
         if factors == "B":
-            target = P.pop(name)
-            G = A0 @ Cc @ A0.mT
-            before = error(B0, A0, G, fit_terms(B0, columns(A0), target)[1], energy)
+            A = module.A.weight.double()
+            G = _quadratic(A, Cc)
             L, _ = cholesky_with_jitter(G + ridge * G.trace() / k * torch.eye(k, dtype=G.dtype, device=G.device))
-            B, A = torch.cholesky_solve((target @ A0.mT).mT, L).mT, A0
-            after = error(B, A, A @ Cc @ A.mT, fit_terms(B, columns(A), target)[1], energy)
+            B = torch.cholesky_solve((target @ A.mT).mT, L).mT
+            after = _error(B, G, _cross(B, A, target), energy)
             del target
         else:
-            # memory at width 8192 (down_proj): besides C' (n x n) only target (m x n) and k x n factors, one or
-            # two at a time; A S comes block by block, and target goes before A = (A S) S^{-1} is solved
-            target = S.solve_left_transposed(P.pop(name))  # W* S = P S^{-T}, [m, n], in P's memory
-            before = error(B0, A0, *fit_terms(B0, S.blocks(A0), target), energy)
-            del A0, B0  # the module keeps its factors; their float64 copies go before the SVD
+            # at width 8192 (down_proj) memory holds C' (n x n, now S), target (m x n) and at most two k x n
+            # factors: A S is read in column blocks, and target goes before A = (A S) S^{-1} is solved
+            target = S.solve_left_transposed(target)  # W* S = P S^{-T}, [m, n], in P's memory
             B, AS, _ = factorize(target, None, k)  # its truncated SVD: B A S with A S = AS
-            gram, cross = fit_terms(B, columns(AS), target)
+            cross = _cross(B, AS, target)  # tr(B A S target^T) = tr(M P^T)
             del target
+            gram = AS @ AS.mT
             A = S.solve_right(AS)
             del AS
-            after = error(B, A, gram, cross, energy)
+            # A C' A^T = (A S)(A S)^T - (lambda + jitter) A A^T, as C' = S S^T - (lambda + jitter) I
+            after = _error(B, gram - (shift + S.jitter) * (A @ A.mT), cross, energy)
+        before = errors_before[name]
         if after < before:
             module.B.weight.copy_(B)
             module.A.weight.copy_(A)
