@@ -18,13 +18,17 @@ whole layer's refit is undone if it raised the layer's output error.
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 
-from odllm.compress.cholesky import CholeskyInPlace, cholesky_with_jitter
+from odllm.compress.blocked import LowerBlocks
+from odllm.compress.cholesky import JITTERS, MIN_PIVOT, cholesky_with_jitter
 from odllm.compress.driver import Streams, compare_layers
 from odllm.compress.lowrank import LowRankLinear, factorize
 from odllm.compress.statistics import ROWS, accumulate, accumulation_dtype, capture_inputs
+
+log = logging.getLogger(__name__)
 
 BLOCK = 512  # rows of W converted to float64 at a time, columns per block of the error's cross term
 
@@ -32,18 +36,6 @@ BLOCK = 512  # rows of W converted to float64 at a time, columns per block of th
 def _outputs(a: torch.Tensor, W: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``a W^T`` in ``dtype`` with W converted a block of rows at a time (no float64 copy of all of W)."""
     return torch.cat([a @ W[r : r + BLOCK].to(dtype).mT for r in range(0, W.shape[0], BLOCK)], dim=1)
-
-
-def _quadratic(A: torch.Tensor, C: torch.Tensor, rows: int = 128) -> torch.Tensor:
-    """A C A^T ([k, k], float64) for symmetric C, with float64 copies of ``rows`` rows and ``BLOCK`` columns of A at a
-    time (A may be the module's bf16 factor: no k x n float64 copy)."""
-    k, n = A.shape
-    G = torch.zeros(k, k, dtype=torch.float64, device=A.device)
-    for r in range(0, k, rows):
-        A_rows = A[r : r + rows].double()
-        for j in range(0, n, BLOCK):
-            G[r : r + rows] += (A_rows @ C[j : j + BLOCK].mT) @ A[:, j : j + BLOCK].double().mT  # C[j] = C[:, j]^T
-    return G
 
 
 def _cross(B: torch.Tensor, A: torch.Tensor, P: torch.Tensor) -> float:
@@ -57,6 +49,28 @@ def _error(B: torch.Tensor, quadratic: torch.Tensor, cross: float, energy: float
     """E(B A) = tr(M C' M^T) - 2 tr(M P^T) + tr(W C W^T) with tr(M C' M^T) = <B^T B, A C' A^T> (``quadratic``)."""
     B = B.double()
     return ((B.mT @ B) * quadratic).sum().item() - 2 * cross + energy
+
+
+def _compressed_covariance(layer, linear, device: torch.device, streams: Streams) -> LowerBlocks:
+    """C' = sum x' x'^T of ``linear``'s inputs in ``layer`` on the compressed stream (summed again for a retry)."""
+    Cc = LowerBlocks(linear.in_features, device)
+    for _, xc, kw, mask in streams:
+        Cc.add_gram(next(iter(capture_inputs(layer, xc, kw, {"linear": linear}, mask).values())))
+    return Cc
+
+
+def _factor(Cc: LowerBlocks, shift: float, scale: float, again) -> tuple[LowerBlocks, float]:
+    """C' + (shift + jitter) I factored in place, and the jitter: 0 unless it fails (ridge 0 on a singular C'),
+    then C' is summed again (``again()``) with growing jitter, as :func:`odllm.compress.cholesky.cholesky_with_jitter`
+    grows it, and the jitter is logged."""
+    for eps in JITTERS:
+        if eps:
+            Cc = again()
+            log.info("alignment: C' + lambda I is singular; summed again with jitter %.3g * I", eps * scale)
+        Cc.add_to_diagonal(shift + eps * scale)
+        if Cc.cholesky_(MIN_PIVOT * scale):
+            return Cc, eps * scale
+    raise RuntimeError(f"Cholesky of C' failed even with jitter {JITTERS[-1]} * trace/n; it is not PSD")
 
 
 def refit_group(
@@ -74,8 +88,8 @@ def refit_group(
     - ``factors="BA"``: the best rank-k M for the compressed stream (reduced-rank regression): the
       unconstrained fit W* = P C'^{-1}, truncated in the C' norm, i.e. ``factorize(W*, chol(C'), k)``,
       the whitened SVD of step 2 again, now on what the layer really sees and aimed at the original output.
-      C' + lambda I is overwritten by its Cholesky factor S (:class:`odllm.compress.cholesky.CholeskyInPlace`), and
-      the whitened target is W* S = P S^{-T}: its truncated SVD B A' gives A = A' S^{-1}.
+      C' (kept as its lower blocks, :class:`odllm.compress.blocked.LowerBlocks`) + lambda I is overwritten by its
+      Cholesky factor S, and the whitened target is W* S = P S^{-T}: its truncated SVD B A' gives A = A' S^{-1}.
 
     A refit is kept only where E falls. Returns per linear the relative errors and the decision.
     """
@@ -83,14 +97,14 @@ def refit_group(
     n = next(iter(group.values())).in_features
     first = next(iter(group))
     device = dense[first].weight.device
-    Cc = torch.zeros(n, n, dtype=torch.float64, device=device)
+    Cc = LowerBlocks(n, device)  # C', its lower blocks only (half of an n x n matrix)
     P = {name: torch.zeros(m.out_features, n, dtype=torch.float64, device=device) for name, m in dense.items()}
     energies = dict.fromkeys(group, 0.0)
     dtype = accumulation_dtype(device)
     for x, xc, kw, mask in streams:
         a = capture_inputs(original, x, kw, {first: dense[first]}, mask)[first]
         b = capture_inputs(layer, xc, kw, {first: group[first]}, mask)[first]
-        accumulate(Cc, b, b)
+        Cc.add_gram(b)
         for a_rows, b_rows in zip(a.split(ROWS), b.split(ROWS), strict=True):  # float64 copies of ROWS tokens
             a_rows = a_rows.to(dtype)
             for name, module in dense.items():
@@ -98,21 +112,21 @@ def refit_group(
                 accumulate(P[name], y, b_rows)
                 energies[name] += y.double().square().sum().item()
     # E of the current factors, from C' and P before either is overwritten (float64 copies of blocks only)
-    errors_before = {name: _error(module.B.weight, _quadratic(module.A.weight, Cc),
+    errors_before = {name: _error(module.B.weight, Cc.quadratic(module.A.weight),
                                   _cross(module.B.weight, module.A.weight, P[name]), energies[name])
                      for name, module in group.items()}
-    S, shift = None, 0.0
-    if factors != "B":  # C' + lambda I and its factor, the same for every linear of the group, in C''s memory
-        shift = ridge * Cc.trace().item() / n  # lambda
-        Cc.diagonal().add_(shift)
-        S = CholeskyInPlace(Cc)
-
+    S, shift, jitter = None, 0.0, 0.0
+    if factors != "B":  # C' + lambda I overwritten by its factor, the same for every linear of the group
+        trace = Cc.trace()
+        shift = ridge * trace / n  # lambda
+        S, jitter = _factor(Cc, shift, trace / n or 1.0,
+                            lambda: _compressed_covariance(layer, group[first], device, streams))
     results = {}
     for name, module in group.items():
         k, energy, target = module.rank, energies[name], P.pop(name)
         if factors == "B":
             A = module.A.weight.double()
-            G = _quadratic(A, Cc)
+            G = Cc.quadratic(A)
             L, _ = cholesky_with_jitter(G + ridge * G.trace() / k * torch.eye(k, dtype=G.dtype, device=G.device))
             B = torch.cholesky_solve((target @ A.mT).mT, L).mT
             after = _error(B, G, _cross(B, A, target), energy)
@@ -120,15 +134,14 @@ def refit_group(
         else:
             # at width 8192 (down_proj) memory holds C' (n x n, now S), target (m x n) and at most two k x n
             # factors: A S is read in column blocks, and target goes before A = (A S) S^{-1} is solved
-            target = S.solve_left_transposed(target)  # W* S = P S^{-T}, [m, n], in P's memory
+            target = S.solve_left_transposed_(target)  # W* S = P S^{-T}, [m, n], in P's memory
             B, AS, _ = factorize(target, None, k)  # its truncated SVD: B A S with A S = AS
             cross = _cross(B, AS, target)  # tr(B A S target^T) = tr(M P^T)
             del target
             gram = AS @ AS.mT
-            A = S.solve_right(AS)
-            del AS
+            A = S.solve_right_(AS)  # A = (A S) S^{-1}, in A S's memory
             # A C' A^T = (A S)(A S)^T - (lambda + jitter) A A^T, as C' = S S^T - (lambda + jitter) I
-            after = _error(B, gram - (shift + S.jitter) * (A @ A.mT), cross, energy)
+            after = _error(B, gram - (shift + jitter) * (A @ A.mT), cross, energy)
         before = errors_before[name]
         if after < before:
             module.B.weight.copy_(B)

@@ -113,11 +113,11 @@ def check_embeddings(mode: str | None) -> str | None:
 
 
 @torch.no_grad()
-def compress_embeddings(model: nn.Module, mode: str | None, report: dict) -> None:
-    """With ``mode="int8"``, stores the embedding table and lm_head of ``model`` as int8 in place and records in
-    ``report`` (that of ``compress_layers``) what was done and the whole model's new size; None does nothing."""
+def quantize_embeddings(model: nn.Module, mode: str | None) -> dict | None:
+    """With ``mode="int8"``, stores the embedding table and lm_head of ``model`` as int8 in place and returns their
+    report entries by module name; None does nothing and returns None."""
     if check_embeddings(mode) is None:
-        return
+        return None
     names = {id(m): name for name, m in model.named_modules()}
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and head.weight is embedding.weight
@@ -131,6 +131,15 @@ def compress_embeddings(model: nn.Module, mode: str | None, report: dict) -> Non
         before = 0 if tied else storage([head])["bytes"]  # a tied head's weight is the embedding's
         done[names[id(head)]] = {**_entry(head.weight, before, quantized, table if tied else quantized), "tied": tied}
         model.set_submodule(names[id(head)], quantized)
+    return done
+
+
+def compress_embeddings(model: nn.Module, mode: str | None, report: dict) -> None:
+    """:func:`quantize_embeddings`, recorded in ``report`` (that of ``compress_layers``): what was done and the whole
+    model's new size."""
+    done = quantize_embeddings(model, mode)
+    if done is None:
+        return
     whole = report["totals"]["model"]
     before = {"model": {"params": whole["params_before"], "bytes": whole["bytes_before"]}}
     report["totals"].update(totals(before, {"model": storage([model])}))

@@ -53,7 +53,8 @@ from odllm.compress.driver import (
     settings_report,
     validate_layer,
 )
-from odllm.compress.embeddings import compress_embeddings
+from odllm.compress.embeddings import STORAGE as EMBEDDINGS_STORAGE
+from odllm.compress.embeddings import quantize_embeddings
 from odllm.compress.memory import peak_resident_bytes, resident_bytes, return_freed_memory
 from odllm.compress.saved import compression_specs, write_compression_config
 from odllm.compress.shards import ShardReader, layers_prefix, materialise_outside, outside_roots, read_layer, skeleton
@@ -161,14 +162,13 @@ def write_outside(model: nn.Module, layers: nn.ModuleList, embeddings: str | Non
     int8``) written to ``shard``, then moved to the meta device (their memory freed: 0.49 GiB for LLaMA-1B's tied
     128k x 2048 bf16 table); returns what the report needs of them (weight map, specs, storage, the int8 entries)."""
     prefix = layers_prefix(model, layers) + "."
-    stub = {"totals": {"model": {"params_before": 1, "bytes_before": 1}}, "settings": {}}  # its totals: unused
-    compress_embeddings(model, embeddings, stub)
+    done = quantize_embeddings(model, embeddings)
     roots = list(outside_roots(model, layers))
     record = {
         "after": storage(roots),
         "specs": {k: v for k, v in compression_specs(model).items() if not k.startswith(prefix)},
         "weight_map": _save_tensors({n: t for n, t in model.state_dict().items() if not n.startswith(prefix)}, shard),
-        "embeddings": stub.get("embeddings"), "embeddings_setting": stub["settings"].get("embeddings"),
+        "embeddings": done, "embeddings_setting": EMBEDDINGS_STORAGE if done is not None else None,
     }
     for root in roots:
         root.to("meta")
