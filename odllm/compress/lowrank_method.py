@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from odllm.compress.align import align_layer
+from odllm.compress.align import BLOCK, align_layer
 from odllm.compress.allocation import IMPORTANCE, choose_ranks
 from odllm.compress.driver import Streams, compare_layers, compress_layers
 from odllm.compress.grid import check_bits
@@ -95,9 +95,12 @@ def factorise_linear(
         B, A, sigma = factorize(W, scaling, k)
         whitened = sigma if whiten is True else singular_values(S.right(W))
         module = LowRankLinear.from_factors(B.to(linear.weight.dtype), A.to(linear.weight.dtype), linear.bias)
+        del B, A  # float64; the module holds the factors as stored
         energy = S.square_norm(W) - jitter * W.square().sum().item()
         D = W if W is not linear.weight else W.clone()  # W - B A in W's float64 copy: no further m x n matrix
-        D.addmm_(module.B.weight.double(), module.A.weight.double(), alpha=-1)
+        B = module.B.weight.double()
+        for j in range(0, D.shape[1], BLOCK):  # float64 copies of a column block of A at a time
+            D[:, j : j + BLOCK].addmm_(B, module.A.weight[:, j : j + BLOCK].double(), alpha=-1)
         error = S.square_norm(D) - jitter * D.square().sum().item()
     finally:
         S.restore()
