@@ -96,12 +96,12 @@ def factorise_linear(
         whitened = sigma if whiten is True else singular_values(S.right(W))
         module = LowRankLinear.from_factors(B.to(linear.weight.dtype), A.to(linear.weight.dtype), linear.bias)
         del B, A  # float64; the module holds the factors as stored
-        energy = S.square_norm(W) - jitter * W.square().sum().item()
+        energy = S.square_norm(W) - jitter * torch.linalg.vector_norm(W).item() ** 2  # no m x n square
         D = W if W is not linear.weight else W.clone()  # W - B A in W's float64 copy: no further m x n matrix
         B = module.B.weight.double()
         for j in range(0, D.shape[1], BLOCK):  # float64 copies of a column block of A at a time
             D[:, j : j + BLOCK].addmm_(B, module.A.weight[:, j : j + BLOCK].double(), alpha=-1)
-        error = S.square_norm(D) - jitter * D.square().sum().item()
+        error = S.square_norm(D) - jitter * torch.linalg.vector_norm(D).item() ** 2
     finally:
         S.restore()
     entry.update(
