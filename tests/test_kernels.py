@@ -24,7 +24,8 @@ from odllm.compress.saved import load_compressed, save_compression_config
 from odllm.model.recommender import COMPRESSION_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-LAYOUTS = [(8, -1, 256), (8, -1, 688), (4, 32, 256), (4, 64, 256), (4, 128, 512), (4, -1, 688)]
+LAYOUTS = [(8, -1, 256), (8, -1, 688), (8, -1, 204), (8, -1, 21),  # 204, 21: not multiples of 16 (padded)
+           (4, 32, 256), (4, 64, 256), (4, 128, 512), (4, -1, 688)]
 
 
 def relative(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -50,6 +50,7 @@ from odllm.compress.grid import (
 # (fast; ~1e-3 relative error), "fp32" = the kernel in float32 (exact, slow on CPU), "off" = always dequantize.
 KERNEL_MODES = ("auto", "bf16", "fp32", "off")
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts (torch 2.13)
+INT8_KERNEL_COLUMNS = 16  # _weight_int8pack_mm (bf16) wants in_features in multiples of this (torch 2.13)
 # Input rows per call up to which the kernel runs; above, the dequantization is shared by enough rows that
 # dequantize + float32 matmul is faster (measured at widths 256/688 on one thread: docs/results.md, low-bit kernels).
 KERNEL_MAX_ROWS = {8: 32, 4: 256}
@@ -217,7 +218,12 @@ class QuantLinear(nn.Module):
         scales, zeros = self.scales.float(), self.zeros().float()
         if self.bits == 8:  # (c - z) s = (c - 128) s - (z - 128) s: signed codes, and a rank-one correction
             signed = (self.codes().to(torch.int16) - 128).to(torch.int8)
-            self._packed[dtype] = (dtype, signed, scales[:, 0].to(dtype), (scales * (128 - zeros)).T.contiguous())
+            # torch 2.13's bf16 int8pack_mm crashes or returns garbage unless in_features is a multiple of 16
+            # (low-rank B factors have any width): zero code columns against zero input columns, exact
+            padded = -(-self.in_features // INT8_KERNEL_COLUMNS) * INT8_KERNEL_COLUMNS
+            signed = F.pad(signed, (0, padded - self.in_features))
+            self._packed[dtype] = (dtype, signed, scales[:, 0].to(dtype), (scales * (128 - zeros)).T.contiguous(),
+                                   padded)
         else:  # (c - z) s = (c - 8) s + (8 - z) s; the offset is exact in float32 (11-bit scale x 5-bit integer)
             g, n = self.kernel_group(), self.in_features
             padded = -(-n // g) * g
@@ -234,8 +240,9 @@ class QuantLinear(nn.Module):
         layout = self._kernel_layout(dtype)
         flat = x.reshape(-1, self.in_features).to(dtype)
         if self.bits == 8:
-            _, signed, scales, correction = layout
-            y = torch.ops.aten._weight_int8pack_mm(flat, signed, scales)  # + sum(x) (128 - z) s: one addmm
+            _, signed, scales, correction, padded = layout
+            product = F.pad(flat, (0, padded - self.in_features)) if padded != self.in_features else flat
+            y = torch.ops.aten._weight_int8pack_mm(product, signed, scales)  # + sum(x) (128 - z) s: one addmm
             y = torch.addmm(y.float(), flat.sum(-1, keepdim=True, dtype=torch.float32), correction)
         else:
             _, packed, grid, g, padded = layout
