@@ -7,15 +7,20 @@ import resource
 from pathlib import Path
 
 
-def resident_bytes() -> int:
-    """The process's resident memory now (Linux /proc; 0 elsewhere)."""
+def _status(field: str) -> int:
+    """A ``/proc/self/status`` field in bytes (Linux; 0 elsewhere)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (Linux /proc; 0 elsewhere)."""
+    return _status("VmRSS")
 
 
 def return_freed_memory(threshold: int = 1 << 20) -> bool:
@@ -37,5 +42,6 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
 
 
 def peak_resident_bytes() -> int:
-    """The process's peak resident memory so far (bytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The process's peak resident memory so far (bytes): /proc's VmHWM, which includes the current RSS; getrusage's
+    ru_maxrss is the kernel's high-water mark as last updated and can lag behind the RSS now (measured in a test)."""
+    return max(_status("VmHWM"), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, resident_bytes())
