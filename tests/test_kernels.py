@@ -183,3 +183,16 @@ def test_a_saved_and_reloaded_gptq_model_runs_the_kernel_with_the_same_outputs(t
         assert relative(out, reference) < 1e-2
     kernels = {m.kernel for m in loaded.modules() if isinstance(m, QuantLinear)}
     assert kernels == {"int4pack_mm"}
+
+
+@pytest.mark.parametrize(("bits", "group", "n"), [(8, -1, 256), (4, 64, 256)])
+def test_a_strided_input_runs_the_kernel_like_a_contiguous_one(bits, group, n):
+    """A fused projection's member gets a slice of the shared product (rows strided): the kernels need rows
+    contiguous (int8pack_mm crashed on such a slice)."""
+    q = module(bits, group, n)
+    wide = torch.randn(4, 3, n + 40, generator=torch.Generator().manual_seed(3)).bfloat16()  # 12 rows: the kernel
+    x = wide[..., 7 : 7 + n]
+    assert not x.is_contiguous()
+    y = run(q, x, "auto")
+    assert q.kernel == ("int8pack_mm" if bits == 8 else "int4pack_mm")
+    assert torch.equal(y, run(q, x.contiguous(), "auto"))

@@ -238,8 +238,8 @@ class QuantLinear(nn.Module):
 
     def _kernel_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         layout = self._kernel_layout(dtype)
-        flat = x.reshape(-1, self.in_features).to(dtype)
-        if self.bits == 8:
+        flat = x.reshape(-1, self.in_features).to(dtype).contiguous()  # a slice of a fused product is strided: the
+        if self.bits == 8:  # kernels read rows as contiguous (a strided input crashed int8pack_mm)
             _, signed, scales, correction, padded = layout
             product = F.pad(flat, (0, padded - self.in_features)) if padded != self.in_features else flat
             y = torch.ops.aten._weight_int8pack_mm(product, signed, scales)  # + sum(x) (128 - z) s: one addmm
