@@ -299,7 +299,11 @@ def _compress_streamed(
     per_layer = [r["memory"] for r in records]
     memory.update({key: max(m[key] for m in per_layer) for key in (
         "dense_layer_bytes", "compressed_layer_bytes", "largest_statistics_bytes", "streams_bytes")})
-    memory.update(peak_rss_bytes=peak_resident_bytes(), layers=per_layer)
+    # the kernel's high-water mark can lag a little behind RSS it saw (pages freed by madvise): never below an RSS read
+    observed = [memory[k] for k in ("baseline_rss_bytes", "rss_before_weights_bytes", "rss_after_embeddings_bytes",
+                                    "rss_after_outside_freed_bytes") if memory.get(k)]
+    observed += [m["rss_after_layer_bytes"] for m in per_layer] + [m["peak_rss_bytes"] for m in per_layer]
+    memory.update(peak_rss_bytes=max(peak_resident_bytes(), *observed), layers=per_layer)
     if baseline_rss:
         memory["peak_above_baseline_bytes"] = memory["peak_rss_bytes"] - baseline_rss
     report["memory"] = memory
