@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from odllm.compress.statistics import ROWS, accumulation_dtype
+from odllm.compress.statistics import ROWS, accumulation_dtype, product
 
 BLOCK = 512  # block side: 2 MiB of float64 per block
 
@@ -40,13 +40,13 @@ class LowerBlocks:
         float32 products added to the float64 sum elsewhere, as ``odllm.compress.statistics.accumulate``)."""
         dtype = accumulation_dtype(x.device)
         for r in range(0, x.shape[0], ROWS):
-            rows = x[r : r + ROWS].to(dtype)
+            rows = x[r : r + ROWS].to(dtype)  # converted once for all the blocks
             for (i, j), block in self.blocks.items():
                 left, right = rows[:, self.span(i)], rows[:, self.span(j)]
                 if dtype == torch.float64:
                     block.addmm_(left.mT, right)
                 else:
-                    block += (left.mT @ right).double()
+                    block += product(left, right)
 
     def trace(self) -> float:
         return sum(self.blocks[(i, i)].diagonal().sum().item() for i in range(self.count))

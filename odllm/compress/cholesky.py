@@ -4,7 +4,7 @@ memory (LAPACK) where one n x n float64 matrix is all the budget allows."""
 from __future__ import annotations
 
 import torch
-from scipy.linalg import blas, lapack
+from scipy.linalg import lapack
 
 from odllm.compress.statistics import MIRROR_BLOCK, mirror
 
@@ -91,7 +91,7 @@ class CholeskyInPlace:
             self.C.diagonal().copy_(self.diagonal)
         return self.C
 
-    def blocks(self, M: torch.Tensor, block: int = MIRROR_BLOCK):
+    def _blocks(self, M: torch.Tensor, block: int = MIRROR_BLOCK):
         """Column blocks ``(j0, j1, (M S)[:, j0:j1])``: S's lower triangle only, one block at a time."""
         M, S, n = M.double(), self.S, self.S.shape[0]
         for j0 in range(0, n, block):
@@ -104,36 +104,21 @@ class CholeskyInPlace:
     def right(self, M: torch.Tensor) -> torch.Tensor:
         """M S ([rows, n], float64)."""
         out = torch.empty(M.shape[0], self.S.shape[0], dtype=torch.float64, device=M.device)
-        for j0, j1, part in self.blocks(M):
+        for j0, j1, part in self._blocks(M):
             out[:, j0:j1] = part
         return out
 
     def gram(self, M: torch.Tensor) -> torch.Tensor:
         """(M S)(M S)^T ([rows, rows]) without holding M S."""
         out = torch.zeros(M.shape[0], M.shape[0], dtype=torch.float64, device=M.device)
-        for _, _, part in self.blocks(M):
+        for _, _, part in self._blocks(M):
             out.addmm_(part, part.mT)
         return out
 
     def square_norm(self, M: torch.Tensor) -> float:
         """||M S||_F^2 = tr(M (C + jitter I) M^T) without holding M S."""
-        return sum(part.square().sum().item() for _, _, part in self.blocks(M))
+        return sum(part.square().sum().item() for _, _, part in self._blocks(M))
 
     def solve_right(self, A: torch.Tensor) -> torch.Tensor:
         """A S^{-1} (the triangular solve reads S's lower triangle only)."""
         return torch.linalg.solve_triangular(self.S, A.double(), upper=False, left=False)
-
-    def solve_left_transposed(self, P: torch.Tensor) -> torch.Tensor:
-        """P S^{-T} = (S^{-1} P^T)^T, in P's own memory when P is a contiguous float64 CPU matrix (BLAS dtrsm on
-        its Fortran-order view P^T, with S^T from the upper triangle of C's), else a new matrix."""
-        if not (self.in_place and P.dtype == torch.float64 and P.is_contiguous() and P.device.type == "cpu"):
-            return torch.linalg.solve_triangular(self.S, P.double().mT, upper=False, left=True).mT
-        target = P.numpy().T
-        out = blas.dtrsm(1.0, self.C.numpy().T, target, side=0, lower=0, trans_a=1, overwrite_b=1)
-        if out.ctypes.data != target.ctypes.data:
-            raise RuntimeError("scipy's dtrsm copied the matrix instead of solving in place")
-        return P
-
-    def cholesky_solve(self, B: torch.Tensor) -> torch.Tensor:
-        """(S S^T)^{-1} B."""
-        return torch.cholesky_solve(B.double(), self.S, upper=False)
