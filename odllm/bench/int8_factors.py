@@ -103,18 +103,11 @@ def int8_factors(model_dir: str | Path, out: str | Path, bits: int = 8) -> dict:
     left = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != dtype})
     if left:  # quantize_factors keeps biases in their dtype; a change here would silently alter the model
         raise RuntimeError(f"quantizing changed parameters of a {dtype} model to {left}")
-    odd = [f for m in model.modules() if isinstance(m, LowRankLinear) for f in (m.A, m.B) if f.in_features % 16]
-    if bits == 8 and odd:
-        log.warning("%d int8 factors are %s columns wide, not a multiple of 16: torch 2.13's int8pack_mm kernel on "
-                    "bfloat16 inputs (a bf16 model, or kernels=bf16) crashes or returns garbage on them unless "
-                    "odllm/compress/quant.py falls back for such widths; until then benchmark with kernels=off",
-                    len(odd), sorted({f.in_features for f in odd}))
     meta = {**source.meta, "compression": compression_entry(source.meta.get("compression"), model_dir, bits)}
     saved = Recommender(model, source.tokenizer, source.item_codes, meta)
     saved.save(out, extra=lambda d: save_compression_config(model, d))
     summary = {"model": str(model_dir), "out": str(out), "bits": bits, "lowrank_modules_quantized": len(done),
                "dtype": str(dtype).removeprefix("torch."), "lowrank_bytes_before": before, "lowrank_bytes_after": after,
-               "factors_not_multiple_of_16_wide": len(odd),
                "disk_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
                "seconds": round(time.perf_counter() - started, 1), "note": note(bits)}
     log.info("%d low-rank modules -> int%d factors: %.2f MB -> %.2f MB, saved to %s", len(done), bits, before / 1e6,
