@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
 from odllm.compress.cholesky import cholesky_with_jitter
 from odllm.compress.lowrank import LowRankLinear, factorize, rank_for_ratio
+from odllm.compress.lowrank_method import factorise_linear
 
 CONF = Path(__file__).parents[1] / "conf" / "method"
 
@@ -48,10 +50,15 @@ def test_whitened_svd_beats_plain_svd_on_correlated_inputs():
         assert whitened < plain
 
 
-def test_factors_keep_the_weight_dtype():
-    W = torch.randn(12, 8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factors_in_float64_and_the_module_in_the_weight_dtype(dtype):
+    W = torch.randn(12, 8).to(dtype)
     B, A, sigma = factorize(W, torch.eye(8, dtype=torch.float64), 3)
-    assert B.dtype == A.dtype == sigma.dtype == torch.float32
+    assert B.dtype == A.dtype == sigma.dtype == torch.float64
+    torch.testing.assert_close(sigma, torch.linalg.svdvals(W.double()), rtol=1e-12, atol=0)
+    linear = nn.Linear(8, 12, bias=False).to(dtype)
+    module, _, _ = factorise_linear("x", linear, torch.eye(8, dtype=torch.float64), 0.5, whiten=True)
+    assert module.A.weight.dtype == module.B.weight.dtype == dtype
 
 
 @pytest.mark.parametrize(

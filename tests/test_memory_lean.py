@@ -47,9 +47,9 @@ def test_mirror_copies_one_triangle_onto_the_other():
     assert torch.equal(C, C.T)
 
 
-@pytest.mark.parametrize("tokens", [200, 20])  # 20 < n: singular, the jitter path
-def test_cholesky_in_place_error_from_the_factor_and_exact_restore(tokens):
-    C, _ = covariance(64, tokens)
+@pytest.mark.parametrize(("n", "tokens"), [(64, 200), (64, 20), (1100, 1500)])  # 20 < n: the jitter path;
+def test_cholesky_in_place_error_from_the_factor_and_exact_restore(n, tokens):  # 1100: three column blocks
+    C, _ = covariance(n, tokens)
     C = C.tril() + C.tril(-1).T  # exactly symmetric, so that the restored C can be compared bit for bit
     original = C.clone()
     S_ref, jitter_ref = cholesky_with_jitter(original)
@@ -57,13 +57,15 @@ def test_cholesky_in_place_error_from_the_factor_and_exact_restore(tokens):
     assert S.S.data_ptr() == C.data_ptr()  # the factor lives in C's memory
     assert S.jitter == jitter_ref and (jitter_ref > 0) == (tokens < 64)
     assert torch.allclose(S.S.tril(), S_ref, rtol=0, atol=1e-10 * S_ref.abs().max().item())
-    D = torch.randn(9, 64, dtype=torch.float64)
+    D = torch.randn(9, n, dtype=torch.float64)
     exact = ((D @ original) * D).sum().item()
-    assert rel(S.square_norm(D) - S.jitter * D.square().sum().item(), exact) < 1e-10  # tr(D C D^T) = ||D S||^2
+    assert rel(S.quadratic(D), exact) < 1e-10  # tr(D C D^T) = ||D S||^2 - jitter ||D||^2
+    low = D.bfloat16()  # read a column block at a time in float64: the same numbers as its float64 copy
+    assert S.quadratic(low) == S.quadratic(low.double()) and torch.equal(S.gram(low), S.gram(low.double()))
     DS = D @ S_ref  # LAPACK's (scipy) and torch's factors agree to rounding, amplified near singularity
     assert torch.allclose(S.right(D), DS, rtol=0, atol=1e-9 * DS.abs().max().item())
     assert torch.allclose(S.gram(D), DS @ DS.T, rtol=0, atol=1e-9 * (DS @ DS.T).abs().max().item())
-    A = torch.randn(5, 64, dtype=torch.float64)
+    A = torch.randn(5, n, dtype=torch.float64)
     assert torch.allclose(S.solve_right(A) @ S_ref, A, atol=1e-8)
     assert torch.equal(S.restore(), original)
 

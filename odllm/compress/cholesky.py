@@ -92,14 +92,15 @@ class CholeskyInPlace:
         return self.C
 
     def _blocks(self, M: torch.Tensor, block: int = MIRROR_BLOCK):
-        """Column blocks ``(j0, j1, (M S)[:, j0:j1])``: S's lower triangle only, one block at a time."""
-        M, S, n = M.double(), self.S, self.S.shape[0]
+        """Column blocks ``(j0, j1, (M S)[:, j0:j1])`` in float64, from S's lower triangle only. M may be in any dtype:
+        a column block of it is converted at a time (a float64 copy of LLaMA-1B's down_proj is 128 MiB)."""
+        S, n = self.S, self.S.shape[0]
         for j0 in range(0, n, block):
             j1 = min(j0 + block, n)
-            if not self.in_place:
-                yield j0, j1, M @ S[:, j0:j1]
-            else:
-                yield j0, j1, M[:, j0:j1] @ S[j0:j1, j0:j1].tril() + M[:, j1:] @ S[j1:, j0:j1]
+            part = M[:, j0:j1].double() @ S[j0:j1, j0:j1].tril()
+            for i0 in range(j1, n, block):  # (M S)_j = sum over i >= j of M_i S_ij (S is lower triangular)
+                part.addmm_(M[:, i0 : i0 + block].double(), S[i0 : i0 + block, j0:j1])
+            yield j0, j1, part
 
     def right(self, M: torch.Tensor) -> torch.Tensor:
         """M S ([rows, n], float64)."""
@@ -115,9 +116,12 @@ class CholeskyInPlace:
             out.addmm_(part, part.mT)
         return out
 
-    def square_norm(self, M: torch.Tensor) -> float:
-        """||M S||_F^2 = tr(M (C + jitter I) M^T) without holding M S."""
-        return sum(part.square().sum().item() for _, _, part in self._blocks(M))
+    def quadratic(self, M: torch.Tensor) -> float:
+        """tr(M C M^T) for the C given: ||M S||_F^2 - jitter ||M||_F^2, without holding M S or M in float64."""
+        total = 0.0
+        for j0, j1, part in self._blocks(M):
+            total += part.square().sum().item() - self.jitter * M[:, j0:j1].double().square().sum().item()
+        return total
 
     def solve_right(self, A: torch.Tensor) -> torch.Tensor:
         """A S^{-1} (the triangular solve reads S's lower triangle only)."""

@@ -187,7 +187,8 @@ def factorize(
     W: torch.Tensor, S: torch.Tensor | CholeskyInPlace | None, k: int, method: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(B [m,k], A [k,n], sigma)`` with B A the best rank-k fit of W in the norm ||(.) S||_F; sigma is the
-    full spectrum of W S (of W when S is None), in W's dtype. Computed in float64. ``S``: a lower-triangular
+    full spectrum of W S (of W when S is None), all in float64 whatever W's dtype (W is read a column block at a
+    time where it can be: a bf16 W is not copied whole). ``S``: a lower-triangular
     tensor, a :class:`CholeskyInPlace` (the factor in its covariance's memory) or None.
 
     ``method``: "exact" (LAPACK SVD of W S), "gram" (:func:`factorize_gram`, about 5x faster at width >= 1024)
@@ -204,7 +205,7 @@ def factorize(
     A = root[:, None] * Vh[:k]
     if S is not None:
         A = _unwhiten(A, S)  # A S^{-1}
-    return B.to(W.dtype), A.to(W.dtype), sigma.to(W.dtype)
+    return B, A, sigma
 
 
 def _whitened(W: torch.Tensor, S: torch.Tensor | CholeskyInPlace | None) -> torch.Tensor:
@@ -225,6 +226,7 @@ def _unwhiten(A: torch.Tensor, S: torch.Tensor | CholeskyInPlace) -> torch.Tenso
 # (2048, 4096) and up; every matrix of the small default model (256 / 688) and of the cost benchmark's "large"
 # shape (1024 / 2752) keeps the exact SVD, so their factors and metrics are unchanged.
 GRAM_MIN_WIDTH = 2048
+GRAM_BLOCK = 512  # columns of W converted to float64 at a time when A is formed
 
 
 def top_eigenpairs(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,14 +274,17 @@ def factorize_gram(W: torch.Tensor, S: torch.Tensor | None, k: int) -> tuple[tor
     inverse_root = torch.where(live, top.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(top))
     if wide:
         B = Qk * top.sqrt()
-        A = (Qk.T @ W.double()).mul_(inverse_root[:, None])  # in place: one k x n matrix, not two
+        A = torch.empty(k, n, dtype=torch.float64, device=W.device)
+        for j in range(0, n, GRAM_BLOCK):  # a column block of W in float64 at a time
+            A[:, j : j + GRAM_BLOCK] = Qk.T @ W[:, j : j + GRAM_BLOCK].double()
+        A.mul_(inverse_root[:, None])
     else:
         B = (M @ Qk) * inverse_root
         A = top.sqrt()[:, None] * Qk.T
         if S is not None:
             A = _unwhiten(A, S)  # A S^{-1}
     B = B * live  # the zeroed directions: no column in B either
-    return B.to(W.dtype), A.to(W.dtype), sigma.to(W.dtype)
+    return B, A, sigma
 
 
 def singular_values(M: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,17 @@ def asvd_scaling(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     top = s.max()
     return torch.ones_like(s) if top <= 0 else s + 1e-6 * top
 
+def residual_rows(W: torch.Tensor, module: LowRankLinear, rows: int = BLOCK):
+    """W - B A in float64, ``rows`` rows at a time (the factors as stored, a column block of A converted at a time)."""
+    A = module.A.weight
+    for r in range(0, W.shape[0], rows):
+        D = W[r : r + rows].to(torch.float64, copy=True)  # a copy even when W is float64
+        B = module.B.weight[r : r + rows].double()
+        for j in range(0, D.shape[1], BLOCK):
+            D[:, j : j + BLOCK].addmm_(B, A[:, j : j + BLOCK].double(), alpha=-1)
+        yield D
+
+
 USE_RATIO = "ratio"  # factorise_linear's default ``rank``: the one ``ratio`` gives
 
 
@@ -87,21 +98,17 @@ def factorise_linear(
         jitter = S.jitter
         if jitter:
             log.info("%s: input covariance is singular, added jitter %.3g * I before Cholesky", name, jitter)
-        W = linear.weight.double()
+        W = linear.weight.detach()  # read in column blocks by S's methods: no float64 copy of W is held
         if whiten == "asvd":
             scaling = torch.diag(asvd_scaling(abs_mean, alpha))
         else:
             scaling = S if whiten else None
         B, A, sigma = factorize(W, scaling, k)
         whitened = sigma if whiten is True else singular_values(S.right(W))
-        module = LowRankLinear.from_factors(B.to(linear.weight.dtype), A.to(linear.weight.dtype), linear.bias)
+        module = LowRankLinear.from_factors(B.to(W.dtype), A.to(W.dtype), linear.bias)
         del B, A  # float64; the module holds the factors as stored
-        energy = S.square_norm(W) - jitter * torch.linalg.vector_norm(W).item() ** 2  # no m x n square
-        D = W if W is not linear.weight else W.clone()  # W - B A in W's float64 copy: no further m x n matrix
-        B = module.B.weight.double()
-        for j in range(0, D.shape[1], BLOCK):  # float64 copies of a column block of A at a time
-            D[:, j : j + BLOCK].addmm_(B, module.A.weight[:, j : j + BLOCK].double(), alpha=-1)
-        error = S.square_norm(D) - jitter * torch.linalg.vector_norm(D).item() ** 2
+        energy = S.quadratic(W)
+        error = sum(S.quadratic(rows) for rows in residual_rows(W, module))
     finally:
         S.restore()
     entry.update(
