@@ -1,15 +1,14 @@
-"""Copy the runs' metrics.json / compression_report.json here (machine paths replaced) and print the table.
+"""Copy the runs' metrics.json / compression_report.json into a results directory (machine paths replaced) and
+print the act-order / true-sequential table from it.
 
-    python docs/results/ml-100k-gptq-order/make_table.py outputs/compress/ml-100k/<run> ...   # copy, then print
-    python docs/results/ml-100k-gptq-order/make_table.py                                       # print only
+    python docs/results/gptq_order_table.py docs/results/ml-100k-gptq-order outputs/compress/ml-100k/<run> ...
+    python docs/results/gptq_order_table.py docs/results/ml-100k-gptq-order        # print only
 """
 
 import json
 import os
 import sys
 from pathlib import Path
-
-HERE = Path(__file__).parent
 
 
 def clean(text: str, metrics: dict) -> str:
@@ -22,15 +21,15 @@ def clean(text: str, metrics: dict) -> str:
     return text
 
 
-def main(runs: list[str]) -> None:
+def main(here: Path, runs: list[str]) -> None:
     for run in map(Path, runs):
         metrics = json.loads((run / "metrics.json").read_text())
         for file in ("metrics.json", "compression_report.json"):
-            (HERE / f"{metrics['method']['name']}.{file}").write_text(clean((run / file).read_text(), metrics))
+            (here / f"{metrics['method']['name']}.{file}").write_text(clean((run / file).read_text(), metrics))
     print("| method | act_order | true_sequential | KL to dense | top-10 overlap | NDCG@10 | HR@10 | "
-          "layer output error (0, 1, 2, 3) | compress s |")
+          "layer output error (per layer) | compress s |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for path in sorted(HERE.glob("*.metrics.json")):
+    for path in sorted(here.glob("*.metrics.json")):
         m = json.loads(path.read_text())
         report = json.loads(path.with_name(path.name.replace("metrics", "compression_report")).read_text())
         method, test = m["method"], m["test"]["metrics"]
@@ -45,4 +44,4 @@ def main(runs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(Path(sys.argv[1]), sys.argv[2:])
