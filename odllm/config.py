@@ -31,7 +31,7 @@ from odllm.compress.registry import algorithm_name
 from odllm.data.dataset import Dataset, DatasetSource
 from odllm.data.items import ItemCodes, item_codes_for
 from odllm.data.prompts import SEQREC_TEMPLATES
-from odllm.eval.protocol import EvalSettings
+from odllm.eval.protocol import SPLITS, EvalSettings
 from odllm.model.artifacts import dense_model_dir
 from odllm.model.backbone import TRAINING_DTYPES, BackboneSpec
 from odllm.model.sasrec import check_not_sasrec
@@ -50,7 +50,7 @@ def dataset_source(cfg: DictConfig) -> DatasetSource:
 def eval_settings(cfg: DictConfig) -> EvalSettings:
     e = cfg.eval
     return EvalSettings(num_beams=e.num_beams, batch_size=e.batch_size, ks=tuple(e.ks), template=e.template,
-                        progress=e.progress, test_users=e.get("test_users"))
+                        progress=e.progress, test_users=e.get("test_users"), split=e.get("split", "test"))
 
 
 def device(cfg: DictConfig) -> torch.device:
@@ -257,6 +257,7 @@ def check_eval(cfg: DictConfig) -> None:
     integer(cfg, "eval.template", 0, 0, maximum=len(SEQREC_TEMPLATES) - 1)
     boolean(cfg, "eval.progress")
     integer(cfg, "eval.test_users", 1, 200, optional=True)
+    choice(cfg, "eval.split", SPLITS)
     if beams < max(ks):
         raise ConfigError(f"eval.num_beams={beams} is smaller than max(eval.ks)={max(ks)}: beam search ranks only "
                           f"num_beams items, so HR@{max(ks)} needs eval.num_beams >= {max(ks)}, "

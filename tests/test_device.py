@@ -158,6 +158,8 @@ def test_device_key_is_checked(tmp_path, tiny_run_overrides):
             config.check_evaluate(compose_config([*tiny_run_overrides, "device=cuda:1"]))
     with pytest.raises(ConfigError, match="eval.test_users=0 must be a whole number >= 1 \\(or null\\)"):
         config.check_evaluate(compose_config([*tiny_run_overrides, "eval.test_users=0"]))
+    with pytest.raises(ConfigError, match="eval.split='train' is not one of test, valid"):
+        config.check_evaluate(compose_config([*tiny_run_overrides, "eval.split=train"]))
     with pytest.raises(ConfigError, match="compress_eval='no' must be true or false"):
         config.check_compress(compose_config([*tiny_run_overrides, "compress_eval='no'"]))
 
@@ -172,6 +174,19 @@ def test_test_subset_draws_what_the_benchmark_draws():
     assert subset.test == random.Random(7).sample(test, 10) and "random subset of the 50 test users (seed 7)" in note
 
 
+def test_valid_split_scores_the_second_last_items_and_sees_nothing_after_them():
+    train = {"u0": ["a", "b"], "u1": ["a"]}
+    valid = [Example("u0", ["a", "b"], "c"), Example("u1", ["a"], "d")]
+    test = [Example("u0", ["a", "b", "c"], "e"), Example("u1", ["a", "d"], "f")]
+    scored, note = sample_test_users(Split(train=train, valid=valid, test=test), None, 7, "valid")
+    assert scored.test == valid and scored.valid == [] and scored.train == train
+    assert note == "all valid users (their second-last items)"
+    _, note = sample_test_users(Split(train=train, valid=valid, test=test), 1, 7, "valid")
+    assert note == "a random subset of the 2 valid users (seed 7)"
+    with pytest.raises(ValueError, match="eval.split='train'; choose one of"):
+        sample_test_users(Split(train=train, valid=valid, test=test), None, 7, "train")
+
+
 def test_compress_without_evaluation_then_evaluate_a_subset_later(tmp_path, trained):
     result = compress(compose_config([*trained, "compress_eval=false", "device=cpu"]), tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -184,6 +199,10 @@ def test_compress_without_evaluation_then_evaluate_a_subset_later(tmp_path, trai
     assert scored["test"]["users"] == scored["test_users"] == 10 and "random subset" in scored["test_users_note"]
     full = compress(compose_config([*trained, "eval.test_users=10"]), tmp_path / "run2")
     assert full["test"]["users"] == 10 and full["test"]["metrics"] == scored["test"]["metrics"]  # the same 10 users
+    on_valid = evaluate(compose_config([*trained, f"model_dir={result['model_dir']}", "eval.split=valid"]),
+                        tmp_path / "eval-valid")
+    assert on_valid["test_users_note"] == "all valid users (their second-last items)"
+    assert on_valid["test"]["metrics"] != scored["test"]["metrics"]
 
 
 # ------------------------------------------------------------------------------------------- CUDA (marker gpu)

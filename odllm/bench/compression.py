@@ -37,7 +37,8 @@ RUN_KEYS = ("method", "ratio", "storage", "sizes", "test", "fidelity", "compress
 def run_benchmark(cfg: DictConfig, output_dir: str | Path) -> dict:
     dense, split = load_dense(config.model_dir(cfg), config.dataset_source(cfg), cfg.task.max_history,
                               allow_other_dataset=cfg.allow_other_dataset, device=config.device(cfg))
-    split, note = sample_test_users(split, cfg.bench.test_users, cfg.seed)  # a seeded subset: a cheaper sweep
+    # bench.test_users: a seeded subset, a cheaper sweep; eval.split: the test or the valid items
+    split, note = sample_test_users(split, cfg.bench.test_users, cfg.seed, config.eval_settings(cfg).split)
     out = Path(cfg.bench.out)
     protocol = run_protocol(cfg, dense, len(split.test))
     done, dense_result = previous_results(out, protocol) if cfg.bench.resume else ({}, None)

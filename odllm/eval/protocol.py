@@ -38,14 +38,28 @@ class EvalSettings:
     template: int = 0  # prompt template index
     progress: bool = True
     test_users: int | None = None  # a seeded random subset of this many test users (None = all): sample_test_users
+    split: str = "test"  # which item of each user is scored: test (the last) or valid (the second-last)
 
 
-def sample_test_users(split: Split, users: int | None, seed: int) -> tuple[Split, str]:
-    """``split`` with ``users`` test users drawn with ``seed`` (all when None or not fewer than there are), and a
-    note saying which. The draw is the compression benchmark's (``bench.test_users``), so both pick the same users."""
+SPLITS = ("test", "valid")  # eval.split choices
+
+
+def sample_test_users(split: Split, users: int | None, seed: int, scored: str = "test") -> tuple[Split, str]:
+    """``split`` with the examples to score in ``split.test``, ``users`` of them drawn with ``seed`` (all when None
+    or not fewer than there are), and a note saying which. The draw is the compression benchmark's
+    (``bench.test_users``), so both pick the same users.
+
+    ``scored="valid"`` scores each user's second-last item instead of the last, for choosing settings without
+    touching the test items: ``split.test`` then holds the valid examples (histories end before them) and
+    ``split.valid`` is emptied, so nothing after them is seen (the popularity baseline counts training items only).
+    """
+    if scored not in SPLITS:
+        raise ValueError(f"eval.split={scored!r}; choose one of {list(SPLITS)}")
+    if scored == "valid":
+        split = dataclasses.replace(split, test=split.valid, valid=[])
     if users is None or users >= len(split.test):
-        return split, "all test users"
-    note = f"a random subset of the {len(split.test)} test users (seed {seed})"
+        return split, f"all {scored} users" + (" (their second-last items)" if scored == "valid" else "")
+    note = f"a random subset of the {len(split.test)} {scored} users (seed {seed})"
     return dataclasses.replace(split, test=random.Random(seed).sample(split.test, users)), note
 
 

@@ -36,7 +36,7 @@ def compress(cfg: DictConfig, output_dir: str | Path) -> dict:
     dense, split = load_dense(model_dir, config.dataset_source(cfg), cfg.task.max_history,
                               allow_other_dataset=cfg.allow_other_dataset, device=device, stream=stream)
     job = config.compression_job(cfg)
-    split, note = sample_test_users(split, job.eval.test_users, cfg.seed)  # eval.test_users: a seeded subset, or all
+    split, note = sample_test_users(split, job.eval.test_users, cfg.seed, job.eval.split)  # a seeded subset, or all
     job = dataclasses.replace(job, test_users_note=note, stream=stream, device=str(device), baseline_rss=baseline_rss)
     with run_logger(cfg, output_dir, "compress") as logger:
         payload = compress_recommender(dense, split, method, job, Path(output_dir))

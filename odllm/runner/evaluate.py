@@ -30,7 +30,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path) -> dict:
     split = leave_one_out(load_dataset(config.dataset_source(cfg)), cfg.task.max_history)
     check_items(rec.item_codes, split, model_dir, cfg.dataset.name)
     settings = config.eval_settings(cfg)
-    split, note = sample_test_users(split, settings.test_users, cfg.seed)  # eval.test_users: a seeded subset, or all
+    split, note = sample_test_users(split, settings.test_users, cfg.seed, settings.split)  # a seeded subset, or all
     examples = split.test
     result = score_examples(rec.model, rec.encoder, rec.trie(), examples, settings, rec.tokenizer.pad_token_id)
     payload = {

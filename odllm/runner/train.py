@@ -148,7 +148,8 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
     model_dir = recommender.save(config.model_dir(cfg))
     log.info("saved the trained model to %s", model_dir)
 
-    split, test_note = sample_test_users(split, config.eval_settings(cfg).test_users, cfg.seed)  # eval.test_users
+    settings = config.eval_settings(cfg)
+    split, test_note = sample_test_users(split, settings.test_users, cfg.seed, settings.split)  # eval.test_users
     test = score_examples(model, encoder, trie, split.test, config.eval_settings(cfg), tokenizer.pad_token_id)
     payload = {
         "dataset": cfg.dataset.name,
