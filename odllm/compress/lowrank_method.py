@@ -58,6 +58,7 @@ def asvd_scaling(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     top = s.max()
     return torch.ones_like(s) if top <= 0 else s + 1e-6 * top
 
+
 def residual_rows(W: torch.Tensor, module: LowRankLinear, rows: int = BLOCK):
     """W - B A in float64, ``rows`` rows at a time (the factors as stored, a column block of A converted at a time)."""
     A = module.A.weight
