@@ -98,7 +98,7 @@ def data():
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
-@pytest.mark.parametrize("importance", ["kl", "energy"])
+@pytest.mark.parametrize("importance", ["kl", "energy", "kl_energy"])
 def test_end_to_end_the_allocation_is_closer_to_dense_at_the_same_budget(dense, data, ratio, importance):
     settings = {"ratio": ratio, "whiten": True, "align": "BA"}
     uniform, uniform_report = compressed(dense, data, **settings)
