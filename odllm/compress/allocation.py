@@ -41,6 +41,7 @@ from odllm.compress.statistics import InputCovariances
 log = logging.getLogger(__name__)
 
 IMPORTANCE = ("kl", "energy", "kl_energy", "none")
+MEASURED_KL = ("kl", "kl_energy")  # the importances that need each matrix's KL probe
 
 
 def params(shape: tuple[int, int], rank: int | None) -> int:
@@ -132,7 +133,7 @@ def measure(
     names = {module: name for name, module in model.named_modules()}
     masks = [_positions(batch) for batch in batches]
     probe, reference = [], []
-    if importance in ("kl", "kl_energy"):  # a spread of the calibration batches (they are sorted by length)
+    if importance in MEASURED_KL:  # a spread of the calibration batches (they are sorted by length)
         wanted, taken = max(1, sensitivity_prompts), 0
         stride = max(1, len(batches) * len(batches[0]["input_ids"]) // wanted)
         for batch in batches[::stride]:
@@ -157,7 +158,7 @@ def measure(
             k = rank_for_ratio(m, n, ratio) or max(1, (m * n) // (m + n) - 1)  # probe: the uniform rank
             info = {"shape": (m, n), "sigma": sigma, "energy": ((W @ C) * W).sum().item(), "probe_rank": k,
                     "probe_loss": sigma[k:].square().sum().item()}
-            if importance in ("kl", "kl_energy"):
+            if importance in MEASURED_KL:
                 B, A, _ = factorize(W, S, k)
                 dense = linear.weight.detach().clone()
                 linear.weight.copy_((B @ A).to(dense.dtype))
@@ -196,7 +197,7 @@ def choose_ranks(
     def loss(ranks: dict) -> float:
         return sum(weights[j] * found[j]["sigma"][r:].square().sum().item() for j, r in ranks.items() if r)
 
-    kl = importance in ("kl", "kl_energy")
+    kl = importance in MEASURED_KL
     report = {
         "rule": "loss", "importance": importance, "sensitivity_prompts": sensitivity_prompts if kl else None,
         "budget_params": budget, "allocated_params": allocated, "left_over_params": budget - allocated,

@@ -150,7 +150,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
 
     settings = config.eval_settings(cfg)
     split, test_note = sample_test_users(split, settings.test_users, cfg.seed, settings.split)  # eval.test_users
-    test = score_examples(model, encoder, trie, split.test, config.eval_settings(cfg), tokenizer.pad_token_id)
+    test = score_examples(model, encoder, trie, split.test, settings, tokenizer.pad_token_id)
     payload = {
         "dataset": cfg.dataset.name,
         "dataset_stats": vars(dataset.stats),
