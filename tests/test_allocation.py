@@ -160,7 +160,7 @@ def test_compress_job_with_odllm_alloc_writes_ranks_and_the_budget_check(tmp_pat
     result = compress(compose_config([*overrides, "ratio=0.5", "method=odllm_alloc"]), tmp_path / "run")
     report = json.loads((tmp_path / "run" / "compression_report.json").read_text())
     allocation = report["settings"]["allocation"]
-    assert allocation["importance"] == "kl" and 0 <= allocation["left_over_params"] < allocation["budget_params"]
+    assert allocation["importance"] == "kl_energy" and 0 <= allocation["left_over_params"] < allocation["budget_params"]
     assert sum(e["params_after"] for e in report["matrices"]) == allocation["allocated_params"]
     assert (tmp_path / "run" / "ranks.png").stat().st_size > 1000
     assert result["model_dir"].endswith("-odllm_alloc-r0.5")

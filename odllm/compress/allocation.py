@@ -183,7 +183,7 @@ def weight(info: dict, importance: str) -> float:
 
 
 def choose_ranks(
-    model: nn.Module, batches: list[dict], ratio: float, importance: str = "kl", sensitivity_prompts: int = 64,
+    model: nn.Module, batches: list[dict], ratio: float, importance: str = "kl_energy", sensitivity_prompts: int = 64,
 ) -> tuple[dict[str, int | None], dict]:
     """Ranks per decoder linear (None = dense) at the uniform ratio's parameter total, and the report of it."""
     found = measure(model, batches, ratio, importance, sensitivity_prompts)
