@@ -15,13 +15,13 @@ budget. As sigma^2 falls with r, every matrix's gains are concave, so up to the 
 is a Lagrangian solution, exactly optimal for the parameters it spends (Everett): the result is never worse than
 the exact optimum with one step (max m_j + n_j) less budget, and never above the budget.
 
-Weights w_j (``importance``), measured on ml-100k (docs/results.md#rank-allocation-ml-100k):
+Weights w_j (``importance``; docs/results.md, rank allocation on ml-100k and Instruments):
 - ``kl``: KL(dense || model with only W_j truncated at the uniform rank) on ``sensitivity_prompts`` calibration
   prompts, divided by L_j(uniform rank): next-token KL per unit of whitened loss, so sum_j w_j L_j(r_j) is a
   first-order (additive) estimate of the model's KL to dense;
 - ``energy``: 1 / tr(W_j C_j W_j^T): every matrix's relative output error counts the same;
-- ``kl_energy``: sqrt(w_kl w_energy), between the two: on Instruments (valid users) ``kl`` cut the KL to dense most
-  but lowered HR@1, ``energy`` kept HR@1 and NDCG@10 but cut the KL least (docs/results.md);
+- ``kl_energy`` (default): sqrt(w_kl w_energy), between the two: on Instruments (valid users) ``kl`` cut the KL to
+  dense most but lowered HR@1, ``energy`` kept HR@1 and NDCG@10 but cut the KL least (docs/results.md);
 - ``none``: w_j = 1, the absolute output errors summed.
 """
 
