@@ -1,6 +1,6 @@
 """Latency of one decoder linear: dense float32 vs QuantLinear's dequantize path vs torch's packed low-bit kernels.
 
-``python -m odllm.bench.kernels [--out docs/results/kernels/kernels] [--repeats 30]`` times, single-threaded, one
+``python -m odllm.bench.kernels [--out docs/results/kernels/kernels] [--repeats 30] [--shapes 256x64,96x688]`` times, single-threaded, one
 ``QuantLinear`` per layout (int8 per row; int4 in groups of 32, or one grid per row where 32 does not divide the
 input width; int4 in groups of 16, the default ``gptq``, which has no kernel) on shapes of the default model and
 of LLaMA-1B width, at 1 and 20 input rows (batch 1 with 20 beams), in every path it can run:
@@ -125,14 +125,24 @@ def markdown(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"256x64,96x688"`` -> ``[(256, 64), (96, 688)]`` (in, out)."""
+    try:
+        return [(int(a), int(b)) for a, b in (item.lower().split("x") for item in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shapes {text!r}: give comma-separated INxOUT such as 256x64,96x688") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/results/kernels/kernels", help="output path without extension")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--shapes", type=parse_shapes, default=SHAPES,
+                        help="comma-separated INxOUT, e.g. low-rank factors 256x64,64x256 (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.time()
-    results = [r for n, m in SHAPES for rows in ROWS for r in measure(n, m, rows, args.repeats)]
+    results = [r for n, m in args.shapes for rows in ROWS for r in measure(n, m, rows, args.repeats)]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     payload = {
         "commit": commit, "repeats": args.repeats, "seconds": time.time() - start, "results": results,
