@@ -1,9 +1,9 @@
 """Latency of one decoder linear: dense float32 vs QuantLinear's dequantize path vs torch's packed low-bit kernels.
 
-``python -m odllm.bench.kernels [--out docs/results/kernels/kernels] [--repeats 30] [--shapes 256x64,96x688]`` times, single-threaded, one
-``QuantLinear`` per layout (int8 per row; int4 in groups of 32, or one grid per row where 32 does not divide the
-input width; int4 in groups of 16, the default ``gptq``, which has no kernel) on shapes of the default model and
-of LLaMA-1B width, at 1 and 20 input rows (batch 1 with 20 beams), in every path it can run:
+``python -m odllm.bench.kernels [--out docs/results/kernels/kernels] [--repeats 30] [--shapes 256x64,96x688]``
+times, single-threaded, one ``QuantLinear`` per layout (int8 per row; int4 in groups of 32, or one grid per row
+where 32 does not divide the input width; int4 in groups of 16, the default ``gptq``, which has no kernel, where 16
+divides it) on shapes of the default model and of LLaMA-1B width, at 1 and 20 input rows (batch 1 with 20 beams), in every path it can run:
 
 - ``dense fp32`` / ``dense bf16``: ``F.linear`` with the float weight (the model's own / the kernels' precision);
 - ``dequantize``: today's forward, the float32 weight rebuilt from the codes in every call;
@@ -39,7 +39,8 @@ ROWS = (1, 20)
 def _layouts(n: int) -> list[tuple[str, int, int]]:
     """``(name, bits, group_size)`` for input width ``n``."""
     int4 = 32 if n % 32 == 0 else -1
-    return [("int8 row", 8, -1), (f"int4 {'g32' if int4 == 32 else 'row'}", 4, int4), ("int4 g16", 4, 16)]
+    layouts = [("int8 row", 8, -1), (f"int4 {'g32' if int4 == 32 else 'row'}", 4, int4)]
+    return layouts + ([("int4 g16", 4, 16)] if n % 16 == 0 else [])  # g16 needs whole groups
 
 
 def _loop(call: Callable[[], torch.Tensor], seconds: float = 2e-3) -> int:
@@ -130,7 +131,8 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     try:
         return [(int(a), int(b)) for a, b in (item.lower().split("x") for item in text.split(","))]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"shapes {text!r}: give comma-separated INxOUT such as 256x64,96x688") from None
+        message = f"shapes {text!r}: give comma-separated INxOUT such as 256x64,96x688"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def main() -> None:
