@@ -3,7 +3,8 @@
 ``python -m odllm.bench.kernels [--out docs/results/kernels/kernels] [--repeats 30] [--shapes 256x64,96x688]``
 times, single-threaded, one ``QuantLinear`` per layout (int8 per row; int4 in groups of 32, or one grid per row
 where 32 does not divide the input width; int4 in groups of 16, the default ``gptq``, which has no kernel, where 16
-divides it) on shapes of the default model and of LLaMA-1B width, at 1 and 20 input rows (batch 1 with 20 beams), in every path it can run:
+divides it) on shapes of the default model and of LLaMA-1B width, at 1 and 20 input rows (batch 1 with 20
+beams), in every path it can run:
 
 - ``dense fp32`` / ``dense bf16``: ``F.linear`` with the float weight (the model's own / the kernels' precision);
 - ``dequantize``: today's forward, the float32 weight rebuilt from the codes in every call;
