@@ -68,16 +68,18 @@ def test_gptq_factors_beat_round_to_nearest_in_the_h_norm(bits, group):
         assert found["error_float_factors"] == pytest.approx(floats, rel=1e-6)
 
 
-@pytest.mark.parametrize("bits, group", [(4, 16), (8, -1)])
-def test_gptq_factor_codes_lie_on_the_stored_grid(bits, group):
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 16, False), (8, -1, False), (8, -1, True), (4, 16, True)])
+def test_gptq_factor_codes_lie_on_the_stored_grid(bits, group, symmetric):
     W, C, tokens, low = factorised(m=40, n=64, k=12)
-    low.gptq_factors(W, C, tokens, bits=bits, group_size=group)
+    low.gptq_factors(W, C, tokens, bits=bits, group_size=group, symmetric=symmetric)
     for factor, width in ((low.A, 64), (low.B, 12)):
         assert isinstance(factor, QuantLinear) and factor.kind == "gptq" and factor.bits == bits
         assert factor.group_size == factor_group_size(group, width)
         codes = factor.codes()
         assert codes.dtype == torch.uint8 and int(codes.max()) <= 2**bits - 1
         assert int(factor.zeros().max()) <= 2**bits - 1 and factor.scales.dtype == torch.float16
+        if symmetric:  # zero-centred grids (GPTQ's updates may still reach code 0 below the original minimum)
+            assert (factor.zeros() == 2 ** (bits - 1)).all()
         assert torch.equal(factor.dequantized_weight(), dequantize(codes, factor.scales, factor.zeros(), group))
         groups = 1 if factor.group_size == -1 else width // factor.group_size
         per_byte = 8 // bits
@@ -93,6 +95,8 @@ def test_method_tags_name_the_factor_settings():
     assert model_tag(method("odllm_alloc", factor_bits=8), 0.5) == "r0.5-rtn8row"
     assert model_tag(method("odllm_gptq4", factor_group_size=32), 0.5) == "r0.5-gptq4g32"
     assert model_tag(method("odllm_gptq4", embeddings="int8"), 0.5) == "r0.5-emb8"
+    assert model_tag(method("odllm_int8", factor_symmetric=True), 0.5) == "r0.5-rtn8rowsym"
+    assert model_tag(method("gptq", group_size=-1, symmetric=True), None) == "w4rowsym"
     with pytest.raises(ValueError, match="factor_quantizer"):
         build_algorithm(method("odllm_gptq4", factor_quantizer="nf4"), 0.5)
 

@@ -32,14 +32,16 @@ def relative(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def module(bits: int, group: int, n: int, m: int = 96, bias: bool = False, seed: int = 0) -> QuantLinear:
+def module(
+    bits: int, group: int, n: int, m: int = 96, bias: bool = False, seed: int = 0, symmetric: bool = False
+) -> QuantLinear:
     g = torch.Generator().manual_seed(seed)
     linear = torch.nn.Linear(n, m, bias=bias)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(m, n, generator=g) * 0.05 + 0.01)  # off-centre: zero points far from 128 / 8
         if bias:
             linear.bias.copy_(torch.randn(m, generator=g))
-    return QuantLinear.from_linear(linear, bits, group)
+    return QuantLinear.from_linear(linear, bits, group, symmetric)
 
 
 def run(q: QuantLinear, x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -49,9 +51,9 @@ def run(q: QuantLinear, x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("bits", "group", "n"), LAYOUTS)
-@pytest.mark.parametrize("bias", [False, True])
-def test_float32_kernel_equals_the_dequantize_path(bits, group, n, bias):
-    q = module(bits, group, n, bias=bias)
+@pytest.mark.parametrize(("bias", "symmetric"), [(False, False), (True, False), (False, True)])
+def test_float32_kernel_equals_the_dequantize_path(bits, group, n, bias, symmetric):
+    q = module(bits, group, n, bias=bias, symmetric=symmetric)
     x = torch.randn(2, 5, n, generator=torch.Generator().manual_seed(1))
     reference = run(q, x, "off")
     assert q.kernel == "dequantize"
@@ -62,9 +64,10 @@ def test_float32_kernel_equals_the_dequantize_path(bits, group, n, bias):
 
 
 @pytest.mark.parametrize(("bits", "group", "n"), LAYOUTS)
-@pytest.mark.parametrize("inputs", ["float32 in bf16 mode", "bfloat16"])
-def test_bfloat16_kernel_is_within_bfloat16_rounding_of_the_reference(bits, group, n, inputs):
-    q = module(bits, group, n)
+@pytest.mark.parametrize(("inputs", "symmetric"), [("float32 in bf16 mode", False), ("bfloat16", False),
+                                                   ("float32 in bf16 mode", True)])
+def test_bfloat16_kernel_is_within_bfloat16_rounding_of_the_reference(bits, group, n, inputs, symmetric):
+    q = module(bits, group, n, symmetric=symmetric)
     x = torch.randn(4, n, generator=torch.Generator().manual_seed(2))
     reference = run(q, x, "off")
     floor = relative(torch.nn.functional.linear(x.bfloat16(), q.dequantized_weight().bfloat16()), reference)
@@ -72,6 +75,27 @@ def test_bfloat16_kernel_is_within_bfloat16_rounding_of_the_reference(bits, grou
     assert q.kernel == ("int8pack_mm" if bits == 8 else "int4pack_mm")
     assert y.dtype == (torch.float32 if inputs.startswith("float32") else torch.bfloat16)
     assert relative(y, reference) < min(1.5 * floor, 1e-2), (relative(y, reference), floor)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_grids_centre_the_codes_and_drop_the_int8_correction(bits):
+    """zero = 2^(b-1), each row's largest |w| on code zero +- (2^(b-1) - 1), every weight within half a step; the
+    8-bit kernel layout then carries no rank-one correction."""
+    q = module(bits, -1, 256, symmetric=True)
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(0)) * 0.05 + 0.01  # module()'s weights
+    half = 2 ** (bits - 1)
+    assert torch.equal(q.zeros(), torch.full_like(q.zeros(), half))
+    codes = q.codes().int()
+    assert int(codes.min()) >= 1 and int(codes.max()) <= 2**bits - 1
+    extreme = (codes - half).abs().max(1).values
+    assert torch.equal(extreme, torch.full_like(extreme, half - 1))
+    error = (q.dequantized_weight() - w).abs().max(1).values
+    assert (error <= q.scales[:, 0].float() / 2 * (1 + 1e-3)).all()
+    asymmetric = module(bits, -1, 256)  # one step more resolution on these off-centre rows
+    assert (asymmetric.dequantized_weight() - w).norm() < (q.dequantized_weight() - w).norm()
+    if bits == 8:
+        assert q._kernel_layout(torch.bfloat16)[3] is None
+        assert asymmetric._kernel_layout(torch.bfloat16)[3] is not None
 
 
 def test_the_zero_point_conversion_is_exact_at_the_extremes():

@@ -153,7 +153,7 @@ class GPTQResult:
 def gptq_quantize(
     W: torch.Tensor, H: torch.Tensor, *, bits: int = 4, group_size: int = 128, block_size: int = 128,
     damp: float = 0.01, scale_dtype: torch.dtype = torch.float16, static_groups: bool = False,
-    act_order: bool = False, overwrite_h: bool = False,
+    act_order: bool = False, overwrite_h: bool = False, symmetric: bool = False,
 ) -> GPTQResult:
     """GPTQ of ``W [m, n]`` against the Hessian ``H [n, n]`` (computed in float64).
 
@@ -162,7 +162,7 @@ def gptq_quantize(
     ``act_order`` visits the columns by decreasing ``diag(H)`` and implies static groups (a group's columns are
     then not visited together, so its grid cannot be read from "the columns as updated so far").
     ``overwrite_h``: H's memory is used as work space (permuted in place, then holding U), H is lost: one n x n
-    matrix for the whole computation.
+    matrix for the whole computation. ``symmetric``: zero-centred grids (``odllm.compress.grid``).
     """
     W = W.double().clone()
     m, n = W.shape
@@ -173,7 +173,7 @@ def gptq_quantize(
     zeros = torch.zeros_like(scales)
     if static:  # grids from the original weights, as the reference does
         for k in range(n // g):
-            scales[:, k], zeros[:, k] = minmax_grid(W[:, k * g : (k + 1) * g], bits, scale_dtype)
+            scales[:, k], zeros[:, k] = minmax_grid(W[:, k * g : (k + 1) * g], bits, scale_dtype, symmetric)
     H = H.to(W.device, torch.float64)
     perm = torch.arange(n, device=W.device)
     if act_order:  # as the reference and llm-compressor: by the raw diagonal (dead columns, H_jj = 0, go last)
@@ -200,7 +200,7 @@ def gptq_quantize(
             k = int(group_of[j])
             if j % g == 0 and not static:
                 group = torch.cat((W1[:, i:], W[:, i2:]), 1)[:, :g]  # the columns as updated so far
-                scales[:, k], zeros[:, k] = minmax_grid(group, bits, scale_dtype)
+                scales[:, k], zeros[:, k] = minmax_grid(group, bits, scale_dtype, symmetric)
             w = W1[:, i]
             c = quantize_codes(w, scales[:, k], zeros[:, k], bits)
             q = scales[:, k] * (c - zeros[:, k])
@@ -219,7 +219,7 @@ def gptq_quantize(
 def gptq_linear(
     W: torch.Tensor, H: torch.Tensor, *, bits: int, group_size: int, bias: torch.Tensor | None = None,
     block_size: int = 128, damp: float = 0.01, scale_dtype: str = "float16", static_groups: bool = False,
-    act_order: bool = False, overwrite_h: bool = False,
+    act_order: bool = False, overwrite_h: bool = False, symmetric: bool = False,
 ) -> tuple[QuantLinear, GPTQResult]:
     """GPTQ of ``W`` against ``H`` stored as the :class:`QuantLinear` holding exactly the codes and grids chosen (on
     W's device), and the :class:`GPTQResult`. Shared by :class:`GPTQ` and the GPTQ-quantized low-rank factors
@@ -227,7 +227,7 @@ def gptq_linear(
     result = gptq_quantize(
         W, H, bits=bits, group_size=group_size, block_size=block_size, damp=damp,
         scale_dtype=SCALE_DTYPES[scale_dtype], static_groups=static_groups, act_order=act_order,
-        overwrite_h=overwrite_h,
+        overwrite_h=overwrite_h, symmetric=symmetric,
     )
     module = QuantLinear.from_codes(
         result.codes, result.scales, result.zeros, bits=bits, group_size=group_size, bias=bias,
@@ -260,6 +260,7 @@ class GPTQ:
     static_groups: bool = False
     act_order: bool = True
     true_sequential: bool = True
+    symmetric: bool = False
 
     statistics = "compressed"
     sequential = True
@@ -282,8 +283,9 @@ class GPTQ:
             W, hessian(stats.covariance, stats.tokens), bits=self.bits, group_size=self.group_size,
             bias=linear.bias, block_size=self.block_size, damp=self.damp, scale_dtype=self.scale_dtype,
             static_groups=self.static_groups, act_order=self.act_order, overwrite_h=True,  # H is ours
+            symmetric=self.symmetric,
         )
-        codes, scales, zeros = rtn_quantize(W.double(), self.bits, self.group_size, scale_dtype)
+        codes, scales, zeros = rtn_quantize(W.double(), self.bits, self.group_size, scale_dtype, self.symmetric)
         g = W.shape[1] // scales.shape[1]
         rtn = scales.repeat_interleave(g, 1) * (codes - zeros.repeat_interleave(g, 1))
         C = stats.covariance

@@ -8,6 +8,12 @@ A b-bit weight row is cut into groups of ``group_size`` input columns; each grou
     code  = clamp(round(w / scale) + zero, 0, 2^b - 1),   w_hat = scale * (code - zero),
 
 asymmetric and always containing 0, as in the reference GPTQ code (a group of zeros gets the range [-1, 1]).
+The ``symmetric`` grid (the reference's ``sym``) centres the codes instead,
+
+    scale = max|w| / (2^(b-1) - 1),   zero = 2^(b-1),
+
+one step of resolution less where a group's weights are one-sided, but what the packed CPU kernels multiply by
+without a correction term (:class:`odllm.compress.quant.QuantLinear`: fewer operations per call).
 ``scale`` is rounded to its storage dtype (float16 by default) *before* the codes are chosen, so the grid the
 algorithms optimise against is exactly the one :class:`QuantLinear` stores and dequantizes.
 
@@ -77,23 +83,31 @@ def effective_group_size(group_size: int, in_features: int, name: str = "the lay
 
 
 def minmax_grid(
-    W: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float16
+    W: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float16, symmetric: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of ``W [m, g]`` (one group): the asymmetric min-max ``(scale, zero)`` in W's dtype.
+    """Per row of ``W [m, g]`` (one group): the min-max ``(scale, zero)`` in W's dtype, asymmetric or ``symmetric``.
 
     The scale is rounded to ``scale_dtype`` (what is stored); it is kept above 0 there so that a group of
     tiny weights cannot divide by zero.
     """
     maxq = 2**bits - 1
-    xmin = W.min(1).values.clamp(max=0)
-    xmax = W.max(1).values.clamp(min=0)
-    empty = (xmin == 0) & (xmax == 0)
-    xmin[empty], xmax[empty] = -1.0, 1.0
-    stored = ((xmax - xmin) / maxq).to(scale_dtype)
+    if symmetric:  # codes zero +- (2^(b-1) - 1): [1, maxq]
+        xmax = W.abs().max(1).values
+        xmax[xmax == 0] = 1.0
+        xmin, span, steps = -xmax, xmax, 2 ** (bits - 1) - 1
+    else:
+        xmin = W.min(1).values.clamp(max=0)
+        xmax = W.max(1).values.clamp(min=0)
+        empty = (xmin == 0) & (xmax == 0)
+        xmin[empty], xmax[empty] = -1.0, 1.0
+        span, steps = xmax - xmin, maxq
+    stored = (span / steps).to(scale_dtype)
     if not torch.isfinite(stored).all():
         raise ValueError(f"a weight group's range overflows {scale_dtype}; use method.scale_dtype=float32")
     tiny = torch.finfo(scale_dtype).smallest_normal * torch.finfo(scale_dtype).eps  # smallest subnormal
     scale = stored.clamp(min=tiny).to(W.dtype)
+    if symmetric:
+        return scale, torch.full_like(scale, 2 ** (bits - 1))
     zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
 
@@ -104,7 +118,7 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 
 
 def rtn_quantize(
-    W: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16
+    W: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16, symmetric: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest on the same groups and grid as GPTQ: ``(codes, scales, zeros)``, codes ``[m, n]``.
 
@@ -113,7 +127,7 @@ def rtn_quantize(
     m, n = W.shape
     g = effective_group_size(group_size, n)
     groups = W.reshape(m, n // g, g).transpose(0, 1)  # [groups, m, g]
-    params = [minmax_grid(block, bits, scale_dtype) for block in groups]
+    params = [minmax_grid(block, bits, scale_dtype, symmetric) for block in groups]
     scales = torch.stack([s for s, _ in params], 1)
     zeros = torch.stack([z for _, z in params], 1)
     codes = quantize_codes(W, scales.repeat_interleave(g, 1), zeros.repeat_interleave(g, 1), bits)

@@ -72,19 +72,20 @@ class LowRankLinear(nn.Module):
     def out_features(self) -> int:
         return self.B.out_features
 
-    def quantize_factors(self, bits: int = 8, group_size: int = -1) -> None:
+    def quantize_factors(self, bits: int = 8, group_size: int = -1, symmetric: bool = False) -> None:
         """Stores A and B as ``bits``-bit integers rounded to nearest, one min-max grid per row (``group_size=-1``)
         or per group of columns (:func:`factor_group_size`): k(m+n) numbers in about a quarter (8 bits) or an
         eighth (4 bits) of the float32 bytes. Packed storage and its loading come from
-        :class:`odllm.compress.quant.QuantLinear`; compression.json lists the factors under their own names."""
-        self.A = QuantLinear.from_linear(self.A, bits, factor_group_size(group_size, self.in_features))
-        self.B = QuantLinear.from_linear(self.B, bits, factor_group_size(group_size, self.rank))
+        :class:`odllm.compress.quant.QuantLinear`; compression.json lists the factors under their own names.
+        ``symmetric``: zero-centred grids (``odllm.compress.grid``), what the int8 kernel runs with fewest steps."""
+        self.A = QuantLinear.from_linear(self.A, bits, factor_group_size(group_size, self.in_features), symmetric)
+        self.B = QuantLinear.from_linear(self.B, bits, factor_group_size(group_size, self.rank), symmetric)
 
     @torch.no_grad()
     def gptq_factors(
         self, W: torch.Tensor, Cc: torch.Tensor, tokens: int, *, K: torch.Tensor | None = None,
         C: torch.Tensor | None = None, bits: int = 4, group_size: int = -1, damp: float = 0.01,
-        act_order: bool = True, ridge: float = 1e-4, refit_b: bool = True,
+        act_order: bool = True, ridge: float = 1e-4, refit_b: bool = True, symmetric: bool = False,
     ) -> dict:
         """Stores A and B as ``bits``-bit GPTQ codes (``odllm.compress.gptq``), aimed at the dense output W x.
 
@@ -110,7 +111,7 @@ class LowRankLinear(nn.Module):
 
         k, n = A.shape
         ga, gb = factor_group_size(group_size, n), factor_group_size(group_size, k)
-        settings = {"bits": bits, "damp": damp, "act_order": act_order}
+        settings = {"bits": bits, "damp": damp, "act_order": act_order, "symmetric": symmetric}
         qa, _ = gptq_linear(A, hessian(Cc, tokens), group_size=ga, **settings)
         Aq = qa.dequantized_weight().double()
         G = Aq @ Cc @ Aq.T  # sum of (Â x')(Â x')^T: B's input covariance
@@ -122,7 +123,8 @@ class LowRankLinear(nn.Module):
             B = B_refit if refit else B
         bias = self.B.bias
         qb, _ = gptq_linear(B, hessian(G, tokens), group_size=gb, bias=bias, **settings)
-        rtn = [dequantize(*rtn_quantize(F, bits, g), g).double() for F, g in ((A, ga), (self.B.weight.double(), gb))]
+        rtn = [dequantize(*rtn_quantize(F, bits, g, symmetric=symmetric), g).double()
+               for F, g in ((A, ga), (self.B.weight.double(), gb))]
         report = {
             "quantizer": "gptq", "bits": bits, "group_size_A": ga, "group_size_B": gb, "b_refit_kept": refit,
             "error_float_factors": error(self.B.weight.double() @ A),

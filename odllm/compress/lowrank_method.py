@@ -222,6 +222,7 @@ class QuantizedLowRank(LowRank):
     factor_quantizer: str = "rtn"
     factor_damp: float = 0.01  # gptq: damping of H, relative to its mean diagonal
     factor_act_order: bool = True  # gptq: columns by decreasing H_jj
+    factor_symmetric: bool = False  # zero-centred grids: the int8 kernel needs no correction term (quant.py)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -233,6 +234,7 @@ class QuantizedLowRank(LowRank):
 
     def settings(self) -> dict:
         grid = "row" if self.factor_group_size == -1 else f"group of up to {self.factor_group_size} columns"
+        grid = f"symmetric {grid}" if self.factor_symmetric else grid
         how = "" if self.factor_quantizer == "rtn" else "GPTQ, "
         storage = f"int{self.factor_bits} low-rank factors ({how}codes + float16 scale and zero point per {grid})"
         settings = {**super().settings(), "factor_bits": self.factor_bits, "storage": storage}
@@ -240,14 +242,17 @@ class QuantizedLowRank(LowRank):
             settings.update(factor_group_size=self.factor_group_size, factor_quantizer=self.factor_quantizer)
             if self.factor_quantizer == "gptq":
                 settings.update(factor_damp=self.factor_damp, factor_act_order=self.factor_act_order)
+        if self.factor_symmetric:
+            settings.update(factor_symmetric=True)
         return settings
 
     def _quantize(self, module: LowRankLinear, W: torch.Tensor, Cc, tokens, K=None, C=None) -> dict | None:
         if self.factor_quantizer == "rtn":
-            module.quantize_factors(self.factor_bits, self.factor_group_size)
+            module.quantize_factors(self.factor_bits, self.factor_group_size, self.factor_symmetric)
             return None
         return module.gptq_factors(W, Cc, tokens, K=K, C=C, bits=self.factor_bits, group_size=self.factor_group_size,
-                                   damp=self.factor_damp, act_order=self.factor_act_order, ridge=self.ridge)
+                                   damp=self.factor_damp, act_order=self.factor_act_order, ridge=self.ridge,
+                                   symmetric=self.factor_symmetric)
 
     def compress_linear(self, name, linear, stats):
         module, entry = super().compress_linear(name, linear, stats)
@@ -263,7 +268,7 @@ class QuantizedLowRank(LowRank):
         report = super().refine(original, layer, replaced, groups, entries, streams)
         if self.factor_quantizer == "rtn":
             for module in replaced.values():
-                module.quantize_factors(self.factor_bits, self.factor_group_size)
+                module.quantize_factors(self.factor_bits, self.factor_group_size, self.factor_symmetric)
         else:
             before = Streams(originals, inputs, streams.kwargs, streams.masks)
             for group in groups:  # in call order: each group's statistics with the earlier groups quantized

@@ -39,9 +39,10 @@ KNOWN_METHODS = {
     "gptq": "gptq", "gptq8": "gptq", "sparsegpt": "sparsegpt", "sparsegpt24": "sparsegpt",
     "bnb_int8": "bnb", "bnb_nf4": "bnb",
 }
-# The integer factors (quantizer, bits, group size) a method's name already stands for: its directory name then
-# carries no factor tag (odllm_int8 keeps ``r0.5``); other factor settings add one (``r0.5-rtn4row``).
-NAMED_FACTORS = {"odllm_int8": ("rtn", 8, -1), "odllm_gptq4": ("gptq", 4, 128), "odllm_gptq8": ("gptq", 8, -1)}
+# The integer factors (quantizer, bits, group size, symmetric) a method's name already stands for: its directory
+# name then carries no factor tag (odllm_int8 keeps ``r0.5``); other factor settings add one (``r0.5-rtn4row``).
+NAMED_FACTORS = {"odllm_int8": ("rtn", 8, -1, False), "odllm_gptq4": ("gptq", 4, 128, False),
+                 "odllm_gptq8": ("gptq", 8, -1, False)}
 # run by odllm.compress.pipeline (heal, embeddings), not settings of the per-layer algorithm
 NOT_SETTINGS = ("name", "algorithm", "heal", "embeddings")
 
@@ -97,15 +98,22 @@ def build_algorithm(method: Mapping, ratio: float | None = None) -> LayerAlgorit
 
 
 def factor_tag(method: Mapping) -> str:
-    """Integer low-rank factors in a directory name: ``<rtn|gptq><bits><row|g<size>>`` (rtn8row, gptq4g128), or
-    nothing for float factors and for the factor settings the method's name stands for (:data:`NAMED_FACTORS`)."""
+    """Integer low-rank factors in a directory name: ``<rtn|gptq><bits><row|g<size>>[sym]`` (rtn8row, gptq4g128,
+    rtn8rowsym), or nothing for float factors and for the factor settings the method's name stands for
+    (:data:`NAMED_FACTORS`)."""
     if method.get("factor_bits") is None:
         return ""
     group = method.get("factor_group_size", -1)
-    factors = (method.get("factor_quantizer", "rtn"), method["factor_bits"], group)
+    factors = (method.get("factor_quantizer", "rtn"), method["factor_bits"], group,
+               bool(method.get("factor_symmetric", False)))
     if NAMED_FACTORS.get(method.get("name")) == factors:
         return ""
-    return f"{factors[0]}{factors[1]}" + ("row" if group == -1 else f"g{group}")
+    grid = ("row" if group == -1 else f"g{group}") + symmetric_tag(method, "factor_symmetric")
+    return f"{factors[0]}{factors[1]}{grid}"
+
+
+def symmetric_tag(method: Mapping, key: str) -> str:
+    return "sym" if method.get(key, False) else ""
 
 
 def model_tag(method: Mapping, ratio: float | None) -> str:
@@ -117,7 +125,7 @@ def model_tag(method: Mapping, ratio: float | None) -> str:
         tag = "-".join(filter(None, [f"r{ratio:g}", factor_tag(method)]))
     elif algorithm == "gptq":
         group = method.get("group_size", 128)
-        tag = f"w{method.get('bits', 4)}" + ("row" if group == -1 else f"g{group}")
+        tag = f"w{method.get('bits', 4)}" + ("row" if group == -1 else f"g{group}") + symmetric_tag(method, "symmetric")
     elif algorithm == "sparsegpt":
         pattern = str(method.get("pattern", "unstructured"))
         tag = pattern.replace(":", "of") if ":" in pattern else f"s{method.get('sparsity', 0.5):g}"
