@@ -184,27 +184,6 @@ def test_int8_factors_and_int8_head_run_the_int8_kernel():
     assert torch.equal(head(torch.tensor([3, 5])), head.dequantized_rows(torch.tensor([3, 5])))  # lookup unchanged
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_int8_factors_chain_in_bfloat16_with_the_numbers_of_two_separate_calls(symmetric):
-    """LowRankLinear rounds a float32 input once and feeds A's bfloat16 output to B: on symmetric grids the
-    same bits as the two factor calls one after the other; asymmetric ones differ by B's output rounding only."""
-    low = LowRankLinear.from_factors(torch.randn(96, 24) * 0.1, torch.randn(24, 64) * 0.1)
-    low.quantize_factors(8, symmetric=symmetric)
-    set_kernels(low, "bf16")
-    x = torch.randn(5, 64)
-    with torch.no_grad():
-        assert low._kernel_chain(x) == torch.bfloat16
-        chained, separate = low(x), low.B(low.A(x))
-        assert low._kernel_chain(torch.randn(KERNEL_MAX_ROWS[8] + 1, 64)) is None  # prompt passes dequantize
-    assert chained.dtype == torch.float32 and low.A.kernel == low.B.kernel == "int8pack_mm"
-    if symmetric:
-        assert torch.equal(chained, separate)
-    else:
-        assert relative(chained, separate) < 4e-3
-    set_kernels(low, "auto")
-    assert low._kernel_chain(x) is None
-
-
 def test_a_saved_and_reloaded_gptq_model_runs_the_kernel_with_the_same_outputs(tmp_path, monkeypatch):
     model, data = tiny_model(seed=5), batches(sequences())
     settings = OmegaConf.merge(OmegaConf.load(CONF / "gptq.yaml"), {"group_size": 32})

@@ -135,22 +135,7 @@ class LowRankLinear(nn.Module):
         return report
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self._kernel_chain(x)
-        if dtype is None:
-            return self.B(self.A(x))
-        return self.B(self.A(x.to(dtype))).to(x.dtype)
-
-    def _kernel_chain(self, x: torch.Tensor) -> torch.dtype | None:
-        """The dtype both integer factors run their packed kernel in for ``x`` when it is not x's own (float32 in
-        mode bf16): the input is rounded once and A's output stays in that dtype, two conversions fewer per call
-        (at batch 1 they cost a tenth of the kernels). B gets the numbers it would have rounded itself, so on
-        symmetric grids without bias the output is bit-identical; else B's output is rounded once more."""
-        if not (isinstance(self.A, QuantLinear) and isinstance(self.B, QuantLinear)):
-            return None
-        dtype = self.A.kernel_for(x)
-        if dtype is None or dtype == x.dtype or self.B.kernel_dtype(dtype) != dtype:
-            return None
-        return dtype
+        return self.B(self.A(x))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"

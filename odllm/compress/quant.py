@@ -259,27 +259,15 @@ class QuantLinear(nn.Module):
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
-    def _plan(self, x: torch.Tensor) -> tuple:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.dtype, self.kernel_mode, self.keep_dequantized)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = (self.kernel_dtype(x.dtype), self.planned_kernel(x.dtype))
-        return plan
-
-    def kernel_for(self, x: torch.Tensor) -> torch.dtype | None:
-        """The dtype ``forward(x)`` runs the packed kernel in, or None when it dequantizes (mode, layout, rows per
-        call, gradients)."""
-        dtype = self._plan(x)[0]
-        if (dtype is None or x.numel() > KERNEL_MAX_ROWS[self.bits] * self.in_features
-                or (x.requires_grad and torch.is_grad_enabled())):
-            return None
-        return dtype
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.kernel_for(x)
-        if dtype is not None:
-            self.kernel = self._plan(x)[1]
-            return self._kernel_forward(x, dtype)
+        if (plan[0] is not None and x.numel() <= KERNEL_MAX_ROWS[self.bits] * self.in_features
+                and not (x.requires_grad and torch.is_grad_enabled())):
+            self.kernel = plan[1]
+            return self._kernel_forward(x, plan[0])
         self.kernel = "dequantize"
         if self.keep_dequantized:
             if self._dequantized is None:
