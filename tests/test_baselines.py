@@ -331,6 +331,7 @@ def test_odllm_int8_stores_int8_factors_that_save_and_load(tmp_path, data, align
     reference = compress_with(floats, data, without, 0.5, progress=False)
     factors = [f for m in model.modules() if isinstance(m, LowRankLinear) for f in (m.A, m.B)]
     assert len(factors) == 28 and all(isinstance(f, QuantLinear) and f.kind == "rtn" and f.bits == 8 for f in factors)
+    assert all(bool((f.zeros() == 128).all()) for f in factors)  # symmetric grids (factor_symmetric: true)
     totals, float_totals = report["totals"]["decoder_linear"], reference["totals"]["decoder_linear"]
     assert totals["bytes_after"] == sum(e["bytes_after"] for e in report["matrices"])
     assert totals["params_after"] == float_totals["params_after"]  # the same numbers, in int8

@@ -91,11 +91,11 @@ def test_method_tags_name_the_factor_settings():
     assert model_tag(method("odllm_int8"), 0.5) == "r0.5"  # existing names unchanged
     assert model_tag(method("odllm"), 0.5) == "r0.5" and model_tag(method("gptq"), None) == "w4g16"
     assert model_tag(method("odllm_gptq4"), 0.5) == "r0.5" and model_tag(method("odllm_gptq8"), 0.3) == "r0.3"
-    assert model_tag(method("odllm_int8", factor_bits=4), 0.5) == "r0.5-rtn4row"
+    assert model_tag(method("odllm_int8", factor_bits=4), 0.5) == "r0.5-rtn4rowsym"
     assert model_tag(method("odllm_alloc", factor_bits=8), 0.5) == "r0.5-rtn8row"
     assert model_tag(method("odllm_gptq4", factor_group_size=32), 0.5) == "r0.5-gptq4g32"
     assert model_tag(method("odllm_gptq4", embeddings="int8"), 0.5) == "r0.5-emb8"
-    assert model_tag(method("odllm_int8", factor_symmetric=True), 0.5) == "r0.5-rtn8rowsym"
+    assert model_tag(method("odllm_int8", factor_symmetric=False), 0.5) == "r0.5-rtn8row"  # the earlier grid
     assert model_tag(method("gptq", group_size=-1, symmetric=True), None) == "w4rowsym"
     with pytest.raises(ValueError, match="factor_quantizer"):
         build_algorithm(method("odllm_gptq4", factor_quantizer="nf4"), 0.5)

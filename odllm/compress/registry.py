@@ -41,7 +41,7 @@ KNOWN_METHODS = {
 }
 # The integer factors (quantizer, bits, group size, symmetric) a method's name already stands for: its directory
 # name then carries no factor tag (odllm_int8 keeps ``r0.5``); other factor settings add one (``r0.5-rtn4row``).
-NAMED_FACTORS = {"odllm_int8": ("rtn", 8, -1, False), "odllm_gptq4": ("gptq", 4, 128, False),
+NAMED_FACTORS = {"odllm_int8": ("rtn", 8, -1, True), "odllm_gptq4": ("gptq", 4, 128, False),
                  "odllm_gptq8": ("gptq", 8, -1, False)}
 # run by odllm.compress.pipeline (heal, embeddings), not settings of the per-layer algorithm
 NOT_SETTINGS = ("name", "algorithm", "heal", "embeddings")
