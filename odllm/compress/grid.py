@@ -94,7 +94,7 @@ def minmax_grid(
     if symmetric:  # codes zero +- (2^(b-1) - 1): [1, maxq]
         xmax = W.abs().max(1).values
         xmax[xmax == 0] = 1.0
-        xmin, span, steps = -xmax, xmax, 2 ** (bits - 1) - 1
+        span, steps = xmax, 2 ** (bits - 1) - 1
     else:
         xmin = W.min(1).values.clamp(max=0)
         xmax = W.max(1).values.clamp(min=0)
