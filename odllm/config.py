@@ -93,17 +93,27 @@ def compression_job(cfg: DictConfig) -> CompressionJob:
 def method_config(cfg: DictConfig, name: str | None = None) -> dict:
     """The ``method`` group entry, or ``conf/method/<name>.yaml`` when train.py names one in ``compress=``;
     its algorithm is checked here, so a bad method fails before any training or calibration."""
-    if name is None or name == cfg.method.name:
-        method = cfg.method
-    else:
-        path = CONF_DIR / "method" / f"{name}.yaml"
-        if not path.exists():
-            known = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
-            raise ValueError(f"unknown compression method {name!r}; choose one of {known}")
-        method = OmegaConf.load(path)
+    method = cfg.method if name is None or name == cfg.method.name else load_method(name)
     method = plain(method)
     algorithm_name(method)
     return method
+
+
+def load_method(name: str) -> DictConfig:
+    """``conf/method/<name>.yaml`` as Hydra composes it for ``method=<name>``: the method configs its ``defaults``
+    list names merged in order, the file's own keys at ``_self_`` (last when not listed), so a combination such
+    as odllm_alloc_heal inherits its parts instead of copying them."""
+    path = CONF_DIR / "method" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+        raise ValueError(f"unknown compression method {name!r}; choose one of {known}")
+    own = OmegaConf.load(path)
+    defaults = list(own.pop("defaults", []))
+    if any(not isinstance(entry, str) for entry in defaults):
+        raise ValueError(f"{path}: a method's defaults list may only name other method configs, got {defaults}")
+    if "_self_" not in defaults:
+        defaults.append("_self_")
+    return OmegaConf.merge(*(own if entry == "_self_" else load_method(entry) for entry in defaults))
 
 
 # ------------------------------------------------------------------------------ checks, one per entry point

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_config, tiny_overrides
-from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from test_compression import batches, logits, sequences, tiny_model
 
@@ -22,6 +21,7 @@ from odllm.compress.registry import algorithm_name, build_algorithm, compress_wi
 from odllm.compress.saved import load_compressed, load_recommender, save_compression_config
 from odllm.compress.sparse import SparseLinear
 from odllm.compress.sparsegpt import sparsegpt_prune
+from odllm.config import load_method
 from odllm.eval.protocol import score_examples
 from odllm.model.recommender import COMPRESSION_FILE
 from odllm.runner.compress import compress
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def method(name: str):
-    return OmegaConf.load(CONF / f"{name}.yaml")
+    return load_method(name)
 
 
 def problem(m: int = 24, n: int = 64, tokens: int = 600, seed: int = 0):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import compose_config
+from omegaconf import OmegaConf
 
 from odllm import config
 from odllm.checks import ConfigError, check_index, check_prepare, user_errors
@@ -60,6 +61,18 @@ def test_bad_values_are_refused_with_the_key_and_an_example(entry, override, mes
 def test_the_shipped_defaults_pass(entry):
     name = entry if entry in ("benchmark", "inference") else "config"
     getattr(config, f"check_{entry}")(compose_config([], name))
+
+
+def test_method_files_load_as_hydra_composes_them():
+    """config.load_method (the benchmark's method lists, train.py's compress=) gives for every conf/method file
+    what ``method=<name>`` composes, inherited keys of a defaults list (odllm_alloc_heal) included, in order."""
+    names = sorted(p.stem for p in (config.CONF_DIR / "method").glob("*.yaml"))
+    for name in names:
+        composed = OmegaConf.to_container(compose_config([f"method={name}"]).method)
+        loaded = OmegaConf.to_container(config.load_method(name))
+        assert loaded == composed and list(loaded) == list(composed), name
+    combined = config.load_method("odllm_alloc_heal")
+    assert combined.name == "odllm_alloc_heal" and combined.allocation == "loss" and combined.heal.steps > 0
 
 
 def test_train_with_compress_checks_the_ratio_before_training():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_baselines import CONF, problem
+from test_baselines import problem
 from test_compression import batches, logits, sequences, tiny_model
 
 from odllm.compress.cholesky import cholesky_with_jitter
@@ -16,13 +16,14 @@ from odllm.compress.lowrank import LowRankLinear, factor_group_size, factorize
 from odllm.compress.quant import QuantLinear, set_kernels
 from odllm.compress.registry import build_algorithm, compress_with, model_tag
 from odllm.compress.saved import load_compressed, save_compression_config
+from odllm.config import load_method
 from odllm.model.recommender import COMPRESSION_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def method(name: str, **changes):
-    return {**OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml")), **changes}
+    return {**OmegaConf.to_container(load_method(name)), **changes}
 
 
 def output_error(W, module: LowRankLinear, C) -> float:

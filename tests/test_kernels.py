@@ -11,7 +11,6 @@ import json
 import pytest
 import torch
 from omegaconf import OmegaConf
-from test_baselines import CONF
 from test_compression import batches, logits, sequences, tiny_model
 
 from odllm.bench.weights import describe_model
@@ -21,6 +20,7 @@ from odllm.compress.lowrank import LowRankLinear
 from odllm.compress.quant import KERNEL_MAX_ROWS, QuantLinear, set_kernels
 from odllm.compress.registry import compress_with
 from odllm.compress.saved import load_compressed, save_compression_config
+from odllm.config import load_method
 from odllm.model.recommender import COMPRESSION_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -186,7 +186,7 @@ def test_int8_factors_and_int8_head_run_the_int8_kernel():
 
 def test_a_saved_and_reloaded_gptq_model_runs_the_kernel_with_the_same_outputs(tmp_path, monkeypatch):
     model, data = tiny_model(seed=5), batches(sequences())
-    settings = OmegaConf.merge(OmegaConf.load(CONF / "gptq.yaml"), {"group_size": 32})
+    settings = OmegaConf.merge(load_method("gptq"), {"group_size": 32})
     compress_with(model, data, settings, 0.5, progress=False)
     assert set_kernels(model, "bf16") == {"int4pack_mm": 14}
     before = [logits(model, batch) for batch in data]

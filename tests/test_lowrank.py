@@ -2,18 +2,15 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from odllm.compress.cholesky import cholesky_with_jitter
 from odllm.compress.lowrank import LowRankLinear, factorize, rank_for_ratio
 from odllm.compress.lowrank_method import factorise_linear
-
-CONF = Path(__file__).parents[1] / "conf" / "method"
+from odllm.config import load_method
 
 
 def correlated_inputs(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
@@ -164,7 +161,7 @@ def test_fused_projections_keep_the_logits(method):
     data = batches(sequences())
     model = tiny_model(seed=6)
     if method != "dense":
-        compress_with(model, data, OmegaConf.load(CONF / f"{method}.yaml"), 0.5, progress=False)
+        compress_with(model, data, load_method(method), 0.5, progress=False)
     before = [logits(model, batch) for batch in data]
     assert fuse_projections(model) == 2 * 2  # two groups per layer, two layers
     assert all(isinstance(m, FusedMember) for layer in model.model.layers
