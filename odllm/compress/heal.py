@@ -47,6 +47,7 @@ def heal(
     pad_id: int,
     seed: int,
     warmup_ratio: float = 0.05,
+    dropout: bool = False,
     progress: bool = True,
 ) -> dict:
     """Trains every parameter of ``student`` for ``steps`` AdamW steps on KL to ``teacher`` (left untouched).
@@ -54,6 +55,9 @@ def heal(
     Batches are drawn from ``samples`` in a seeded random order (a new order each pass over them).
     Returns the steps, samples seen, seconds and the mean KL of the first and last tenth of the steps.
     Batches are made on the student's device (the teacher gets them there too); the parameters keep their dtype.
+    The student distils with its dropout off (``dropout=False``): the teacher has none at inference, and the
+    student is to match the function it will serve with (on Instruments' allocated model this healed to a lower
+    KL and higher valid NDCG@10 than distilling through attention dropout, docs/results.md).
     """
     if steps <= 0:
         raise ValueError(f"heal.steps={steps}; give a positive number of distillation steps (or heal: null)")
@@ -65,7 +69,7 @@ def heal(
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup_ratio * steps), steps)
     teacher.eval()
-    student.train()
+    student.train(dropout)  # gradients flow either way; train mode only switches dropout on
     losses = []
     started = time.perf_counter()
     device, teacher_device = model_device(student), model_device(teacher)
