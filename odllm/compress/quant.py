@@ -21,7 +21,7 @@ kernels instead of dequantizing, ``aten._weight_int8pack_mm`` (8 bits, one grid 
 change: the kernel layout is packed from the codes at the first forward into a non-persistent cache. The kernels
 do not know odllm's integer zero points, so they are converted exactly: 8 bits run the signed codes ``c - 128``
 and subtract the rank-one term ``sum(x) * scale * (zero - 128)`` (none on symmetric grids, where every zero is
-128: two operations fewer per call, which at the small widths here is what decides the speed); 4 bits use the kernel's
+128: two operations fewer per call); 4 bits use the kernel's
 ``(c - 8) * scale + offset`` with ``offset = (8 - zero) * scale``. In torch 2.13 the float32 kernels are 10-20x
 slower than a dense float32 matmul and the bfloat16 ones faster than it, so float32 inputs run the kernel only
 in mode ``bf16`` (inputs rounded to bfloat16, output cast back); see :data:`KERNEL_MODES`.
