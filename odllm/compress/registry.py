@@ -108,12 +108,12 @@ def factor_tag(method: Mapping) -> str:
                bool(method.get("factor_symmetric", False)))
     if NAMED_FACTORS.get(method.get("name")) == factors:
         return ""
-    grid = ("row" if group == -1 else f"g{group}") + symmetric_tag(method, "factor_symmetric")
-    return f"{factors[0]}{factors[1]}{grid}"
+    return f"{factors[0]}{factors[1]}{grid_tag(group, factors[3])}"
 
 
-def symmetric_tag(method: Mapping, key: str) -> str:
-    return "sym" if method.get(key, False) else ""
+def grid_tag(group_size: int, symmetric: bool) -> str:
+    """The grid part of a tag: ``row`` or ``g<size>``, then ``sym`` for zero-centred grids."""
+    return ("row" if group_size == -1 else f"g{group_size}") + ("sym" if symmetric else "")
 
 
 def model_tag(method: Mapping, ratio: float | None) -> str:
@@ -125,7 +125,7 @@ def model_tag(method: Mapping, ratio: float | None) -> str:
         tag = "-".join(filter(None, [f"r{ratio:g}", factor_tag(method)]))
     elif algorithm == "gptq":
         group = method.get("group_size", 128)
-        tag = f"w{method.get('bits', 4)}" + ("row" if group == -1 else f"g{group}") + symmetric_tag(method, "symmetric")
+        tag = f"w{method.get('bits', 4)}" + grid_tag(group, bool(method.get("symmetric", False)))
     elif algorithm == "sparsegpt":
         pattern = str(method.get("pattern", "unstructured"))
         tag = pattern.replace(":", "of") if ":" in pattern else f"s{method.get('sparsity', 0.5):g}"
