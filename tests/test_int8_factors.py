@@ -54,7 +54,9 @@ def test_factors_become_int8_codes_close_to_the_float_model(models):
             assert isinstance(factor, QuantLinear) and factor.bits == 8 and factor.group_size == -1
             assert factor.kind == "rtn" and factor.qweight.dtype == torch.uint8
         float_module = source.model.get_submodule(name)
-        expected = QuantLinear.from_linear(float_module.A, 8, -1).dequantized_weight()  # round-to-nearest, per row
+        # round-to-nearest, one zero-centred grid per row (odllm_int8's default)
+        expected = QuantLinear.from_linear(float_module.A, 8, -1, symmetric=True).dequantized_weight()
+        assert (module.A.zeros() == 128).all() and (module.B.zeros() == 128).all()
         assert torch.equal(module.A.dequantized_weight(), expected), name
         product = float_module.B.weight.float() @ float_module.A.weight.float()
         error = (module.B.dequantized_weight() @ module.A.dequantized_weight() - product).norm() / product.norm()
@@ -90,8 +92,9 @@ def test_metadata_says_what_was_done_and_is_not_simulated(models):
     source_meta = json.loads((models["source"] / "odllm.json").read_text())
     entry = meta["compression"]
     assert entry["method"] == "odllm+int8_rtn_post_hoc" and entry["ratio"] == 0.5 and entry["simulated"] is False
-    assert entry["factor_quantization"] == ("int8 factors by round-to-nearest after compression (not re-aligned: "
-                                            "for latency and size measurements)")
+    assert entry["factor_quantization"] == ("int8 factors by round-to-nearest on symmetric grids after compression "
+                                            "(not re-aligned: for latency and size measurements)")
+    assert entry["settings"]["factor_symmetric"] is True and models["summary"]["symmetric"] is True
     assert entry["source_model"] == str(models["source"].resolve())
     assert entry["source_compression"] == source_meta["compression"]
     assert {k: v for k, v in meta.items() if k != "compression"} == {
@@ -128,3 +131,15 @@ def test_clear_refusals(models, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # the command: one line on stderr, status 1
         int8_factors.main(["--model", str(models["source"]), "--out", str(tmp_path / "e"), "--bits", "3"])
     assert exit_info.value.code == 1 and "error: --bits 3: choose 8 or 4" in capsys.readouterr().err
+
+
+def test_no_symmetric_gives_min_max_grids(models, tmp_path):
+    summary = int8_factors.main(["--model", str(models["source"]), "--out", str(tmp_path / "mm"), "--no-symmetric"])
+    source, quantized = load_recommender(models["source"]), load_recommender(tmp_path / "mm")
+    name, module = next((n, m) for n, m in quantized.model.named_modules() if isinstance(m, LowRankLinear))
+    expected = QuantLinear.from_linear(source.model.get_submodule(name).A, 8, -1).dequantized_weight()
+    assert torch.equal(module.A.dequantized_weight(), expected)
+    assert not (module.A.zeros() == 128).all()  # min-max grids put the zero point where each row's range needs it
+    entry = json.loads((tmp_path / "mm" / "odllm.json").read_text())["compression"]
+    assert entry["settings"]["factor_symmetric"] is False and summary["symmetric"] is False
+    assert "min-max grids" in entry["factor_quantization"]

@@ -1,7 +1,8 @@
 """Integer factors for a saved low-rank model, after the fact (``python -m odllm.bench.int8_factors``).
 
 Every LowRankLinear of a saved odllm (or other low-rank) model whose factors are still float gets them stored as
-``--bits`` (8 or 4) integers, round-to-nearest on one min-max grid per row (``LowRankLinear.quantize_factors``), and
+``--bits`` (8 or 4) integers, round-to-nearest on one grid per row (``LowRankLinear.quantize_factors``; zero-centred
+like ``method=odllm_int8``'s default, min-max with ``--no-symmetric``), and
 the model is saved as compress.py saves one (weights, compression.json, tokenizer, item index, odllm.json; atomically).
 
 Why: the inference benchmark needs the int8-factor model at LLaMA-1B width, and the real ``method=odllm_int8`` (each
@@ -31,10 +32,11 @@ log = logging.getLogger(__name__)
 BITS = (8, 4)  # what QuantLinear stores (4 bits: two codes per byte)
 
 
-def note(bits: int) -> str:
+def note(bits: int, symmetric: bool) -> str:
     """What was done, in the words odllm.json records."""
-    return (f"int{bits} factors by round-to-nearest after compression (not re-aligned: for latency and size "
-            "measurements)")
+    grid = "symmetric" if symmetric else "min-max"
+    return (f"int{bits} factors by round-to-nearest on {grid} grids after compression (not re-aligned: for latency "
+            "and size measurements)")
 
 
 def check_request(model_dir: Path, out: Path, bits: int) -> None:
@@ -58,7 +60,7 @@ def check_request(model_dir: Path, out: Path, bits: int) -> None:
                          "compressed with a low-rank method such as method=odllm")
 
 
-def quantize_float_factors(model: nn.Module, bits: int) -> list[str]:
+def quantize_float_factors(model: nn.Module, bits: int, symmetric: bool = True) -> list[str]:
     """Stores the float factors of every LowRankLinear of ``model`` as ``bits``-bit codes in place; the names done.
     A module whose factors are already integers (``method=odllm_int8``) is left as it is."""
     lowrank = [(name, m) for name, m in model.named_modules() if isinstance(m, LowRankLinear)]
@@ -67,7 +69,7 @@ def quantize_float_factors(model: nn.Module, bits: int) -> list[str]:
     done = []
     for name, module in lowrank:
         if isinstance(module.A, nn.Linear) and isinstance(module.B, nn.Linear):
-            module.quantize_factors(bits)  # one min-max grid per row
+            module.quantize_factors(bits, symmetric=symmetric)  # one grid per row
             done.append(name)
     if not done:
         raise ValueError(f"all {len(lowrank)} low-rank modules already hold integer factors (e.g. method=odllm_int8): "
@@ -75,20 +77,20 @@ def quantize_float_factors(model: nn.Module, bits: int) -> list[str]:
     return done
 
 
-def compression_entry(source: dict | None, model_dir: Path, bits: int) -> dict:
+def compression_entry(source: dict | None, model_dir: Path, bits: int, symmetric: bool) -> dict:
     """odllm.json's ``compression``: the source's method and ratio, what was done to it, and where it came from.
     Not ``simulated``: the factors are stored as real uint8 codes (the benchmark labels from this entry)."""
     source = dict(source or {})
     method = f"{source.get('method') or 'lowrank'}+int{bits}_rtn_post_hoc"
     settings = {**(source.get("settings") or {}), "name": method, "factor_bits": bits, "factor_group_size": -1,
-                "factor_quantizer": "rtn", "factor_quantized_after_compression": True,
+                "factor_quantizer": "rtn", "factor_symmetric": symmetric, "factor_quantized_after_compression": True,
                 "storage": f"int{bits} low-rank factors (codes + float16 scale and zero point per row)"}
     return {"method": method, "ratio": source.get("ratio"), "settings": settings,
-            "factor_quantization": note(bits), "source_model": str(model_dir.resolve()),
+            "factor_quantization": note(bits, symmetric), "source_model": str(model_dir.resolve()),
             "source_compression": source or None, "simulated": False}
 
 
-def int8_factors(model_dir: str | Path, out: str | Path, bits: int = 8) -> dict:
+def int8_factors(model_dir: str | Path, out: str | Path, bits: int = 8, symmetric: bool = True) -> dict:
     """Loads the low-rank model in ``model_dir``, stores its float factors as ``bits``-bit codes and saves it to
     ``out`` (in the model's dtype outside the codes); returns a summary with the decoder factor bytes."""
     model_dir, out = Path(model_dir), Path(out)
@@ -98,18 +100,19 @@ def int8_factors(model_dir: str | Path, out: str | Path, bits: int = 8) -> dict:
     model = source.model
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     before = storage([m for m in model.modules() if isinstance(m, LowRankLinear)])["bytes"]
-    done = quantize_float_factors(model, bits)
+    done = quantize_float_factors(model, bits, symmetric)
     after = storage([m for m in model.modules() if isinstance(m, LowRankLinear)])["bytes"]
     left = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point() and p.dtype != dtype})
     if left:  # quantize_factors keeps biases in their dtype; a change here would silently alter the model
         raise RuntimeError(f"quantizing changed parameters of a {dtype} model to {left}")
-    meta = {**source.meta, "compression": compression_entry(source.meta.get("compression"), model_dir, bits)}
+    meta = {**source.meta, "compression": compression_entry(source.meta.get("compression"), model_dir, bits, symmetric)}
     saved = Recommender(model, source.tokenizer, source.item_codes, meta)
     saved.save(out, extra=lambda d: save_compression_config(model, d))
-    summary = {"model": str(model_dir), "out": str(out), "bits": bits, "lowrank_modules_quantized": len(done),
-               "dtype": str(dtype).removeprefix("torch."), "lowrank_bytes_before": before, "lowrank_bytes_after": after,
+    summary = {"model": str(model_dir), "out": str(out), "bits": bits, "symmetric": symmetric,
+               "lowrank_modules_quantized": len(done), "dtype": str(dtype).removeprefix("torch."),
+               "lowrank_bytes_before": before, "lowrank_bytes_after": after,
                "disk_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
-               "seconds": round(time.perf_counter() - started, 1), "note": note(bits)}
+               "seconds": round(time.perf_counter() - started, 1), "note": note(bits, symmetric)}
     log.info("%d low-rank modules -> int%d factors: %.2f MB -> %.2f MB, saved to %s", len(done), bits, before / 1e6,
              after / 1e6, out)
     return summary
@@ -122,9 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", required=True, type=Path, help="a saved low-rank model (compress.py method=odllm)")
     parser.add_argument("--out", required=True, type=Path, help="a new directory for the int8-factor model")
     parser.add_argument("--bits", type=int, default=8, help="8 (default) or 4")
+    parser.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True,
+                        help="zero-centred grids as odllm_int8's default (default); --no-symmetric: min-max grids")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    summary = int8_factors(args.model, args.out, args.bits)
+    summary = int8_factors(args.model, args.out, args.bits, args.symmetric)
     print(json.dumps(summary, indent=2))
     return summary
 
