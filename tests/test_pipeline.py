@@ -51,6 +51,15 @@ def test_same_seed_same_metrics_and_resume(tmp_path, tiny_run_overrides):
     assert not (tmp_path / "c" / "checkpoints").exists()
 
 
+def test_last_checkpoint_is_the_latest_epoch_not_the_best(tmp_path, tiny_run_overrides):
+    # lr 1e-12 (below float32 resolution): validation never improves after epoch 1, the first stays the best
+    train(compose_config([*tiny_run_overrides, "trainer.max_epochs=3", "train.lr=1e-12"]), tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=False)["epoch"] == 0
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 2
+
+
 class Killed(Exception):
     pass
 

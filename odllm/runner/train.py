@@ -96,16 +96,14 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
         num_beams=cfg.eval.num_beams,
         ks=tuple(cfg.eval.ks),
     )
-    checkpoint = ModelCheckpoint(
-        # a resumed run keeps writing beside the checkpoint it resumes: Lightning restores the best score only
-        # for the same directory, and without it the best epoch before the stop could be lost
-        dirpath=Path(cfg.ckpt_path).parent if cfg.ckpt_path else output_dir / "checkpoints",
-        filename="best",
-        monitor="val/ndcg@10",
-        mode="max",
-        save_last=True,
-    )
-    callbacks = [checkpoint]
+    # a resumed run keeps writing beside the checkpoint it resumes: Lightning restores the best score only
+    # for the same directory, and without it the best epoch before the stop could be lost
+    checkpoints = Path(cfg.ckpt_path).parent if cfg.ckpt_path else output_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/ndcg@10", mode="max")
+    # last.ckpt after every epoch from a callback of its own: Lightning 2.6's save_last writes it only when a new
+    # best is saved, so a run killed after epochs that did not improve would resume from the best one
+    latest = ModelCheckpoint(dirpath=checkpoints, filename="last")
+    callbacks = [checkpoint, latest]
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStopping("val/ndcg@10", mode="max", patience=cfg.train.early_stopping_patience))
     if cfg.train.ema_decay:
@@ -134,7 +132,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
     for hook in dropout_hooks:
         hook.remove()
 
-    best = checkpoint.best_model_path or checkpoint.last_model_path
+    best = checkpoint.best_model_path or latest.best_model_path
     module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     model = merge(module.model).to(trainer.strategy.root_device)  # Lightning hands the model back on the CPU
     meta = {
