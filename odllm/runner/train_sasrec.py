@@ -59,7 +59,7 @@ def train_sasrec(cfg: DictConfig, output_dir: str | Path) -> dict:
         log.info("SASRec: %d items, %d training windows, %d targets, %d parameters", len(vocab),
                  len(data.windows), int(data.n_targets.sum()), sum(p.numel() for p in module.parameters()))
         checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor="val/ndcg@10",
-                                     mode="max", save_last=True)
+                                     mode="max")
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator,
             devices=1,  # a model this small gains nothing from more processes
@@ -77,7 +77,7 @@ def train_sasrec(cfg: DictConfig, output_dir: str | Path) -> dict:
         trainer.fit(module, datamodule=data)
         fit_seconds = time.perf_counter() - started
 
-        best = checkpoint.best_model_path or checkpoint.last_model_path
+        best = checkpoint.best_model_path
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
         module.eval()
         torch.save({"state_dict": module.net.state_dict(), "items": vocab.items, "settings": vars(settings),
