@@ -24,6 +24,7 @@ from torch import nn
 
 from odllm.checks import user_errors
 from odllm.compress.lowrank import LowRankLinear
+from odllm.compress.lowrank_method import factor_storage
 from odllm.compress.saved import load_recommender, read_compression_config, save_compression_config
 from odllm.compress.storage import storage
 from odllm.model.recommender import COMPRESSION_FILE, Recommender, rewrite_hint
@@ -84,7 +85,7 @@ def compression_entry(source: dict | None, model_dir: Path, bits: int, symmetric
     method = f"{source.get('method') or 'lowrank'}+int{bits}_rtn_post_hoc"
     settings = {**(source.get("settings") or {}), "name": method, "factor_bits": bits, "factor_group_size": -1,
                 "factor_quantizer": "rtn", "factor_symmetric": symmetric, "factor_quantized_after_compression": True,
-                "storage": f"int{bits} low-rank factors (codes + float16 scale and zero point per row)"}
+                "storage": factor_storage(bits, -1, symmetric)}
     return {"method": method, "ratio": source.get("ratio"), "settings": settings,
             "factor_quantization": note(bits, symmetric), "source_model": str(model_dir.resolve()),
             "source_compression": source or None, "simulated": False}

@@ -123,6 +123,15 @@ def factorise_linear(
     )
     return module, entry, sigma.tolist()
 
+
+def factor_storage(bits: int, group_size: int, symmetric: bool, quantizer: str = "rtn") -> str:
+    """How integer factors are stored, in the words odllm.json records (also for factors rounded after the fact)."""
+    grid = "row" if group_size == -1 else f"group of up to {group_size} columns"
+    grid = f"symmetric {grid}" if symmetric else grid
+    how = "" if quantizer == "rtn" else "GPTQ, "
+    return f"int{bits} low-rank factors ({how}codes + float16 scale and zero point per {grid})"
+
+
 @dataclass
 class LowRank:
     """Truncated SVD per linear at ``ratio`` (whitened, ASVD-scaled or plain), optionally aligned.
@@ -233,10 +242,7 @@ class QuantizedLowRank(LowRank):
             raise ValueError(f"factor_group_size={self.factor_group_size}; use a number of columns >= 1 or -1 (row)")
 
     def settings(self) -> dict:
-        grid = "row" if self.factor_group_size == -1 else f"group of up to {self.factor_group_size} columns"
-        grid = f"symmetric {grid}" if self.factor_symmetric else grid
-        how = "" if self.factor_quantizer == "rtn" else "GPTQ, "
-        storage = f"int{self.factor_bits} low-rank factors ({how}codes + float16 scale and zero point per {grid})"
+        storage = factor_storage(self.factor_bits, self.factor_group_size, self.factor_symmetric, self.factor_quantizer)
         settings = {**super().settings(), "factor_bits": self.factor_bits, "storage": storage}
         if (self.factor_quantizer, self.factor_group_size) != ("rtn", -1):  # odllm_int8 keeps its report
             settings.update(factor_group_size=self.factor_group_size, factor_quantizer=self.factor_quantizer)
