@@ -23,6 +23,10 @@ def test_train_then_evaluate_round_trip(tmp_path, tiny_run_overrides):
     for name in ("hr@1", "hr@5", "hr@10", "ndcg@5", "ndcg@10"):
         assert {"value", "stderr"} <= saved["test"]["metrics"][name].keys()
     assert saved["epochs_run"] == 2
+    epochs = saved["valid_by_epoch"]  # one row per epoch: the curve a user checks before stopping a schedule
+    assert [row["epoch"] for row in epochs] == [1, 2] and epochs[1]["step"] > epochs[0]["step"] > 0
+    assert max(row["ndcg@10"] for row in epochs) == pytest.approx(saved["best_valid_ndcg@10"])
+    assert {"hr@1", "hr@10", "ndcg@5", "users"} <= epochs[0].keys()
     # the synthetic users walk a cycle (item i -> i+1): two epochs learn it, the popularity baseline cannot.
     # Measured: test NDCG@10 0.665 vs popularity 0.209 (an untrained model: 0.072); HR@10 0.875 vs 0.500
     model, popular = saved["test"]["metrics"], saved["popularity"]
@@ -46,6 +50,8 @@ def test_same_seed_same_metrics_and_resume(tmp_path, tiny_run_overrides):
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     resumed = train(compose_config([*tiny_run_overrides, "trainer.max_epochs=3", f"ckpt_path={ckpt}"]), tmp_path / "c")
     assert resumed["epochs_run"] == 3
+    # the history travels in the checkpoint: the resumed run reports epochs 1-2 as the first run saw them
+    assert resumed["valid_by_epoch"][:2] == first["valid_by_epoch"] and resumed["valid_by_epoch"][2]["epoch"] == 3
     # the best epoch before the stop still competes: the resumed run writes beside the checkpoint it resumes
     assert resumed["best_valid_ndcg@10"] >= first["best_valid_ndcg@10"] > 0
     assert not (tmp_path / "c" / "checkpoints").exists()

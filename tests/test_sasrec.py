@@ -92,6 +92,9 @@ def test_train_py_model_sasrec_writes_metrics(tmp_path, one_thread):
     assert set(written["test"]["metrics"]["ndcg@10"]) == {"value", "stderr"}
     assert written["test"]["users"] == 48 and written["config"]["model"]["kind"] == "sasrec"
     assert written["popularity"].keys() == written["test"]["metrics"].keys()
+    epochs = written["valid_by_epoch"]
+    assert [row["epoch"] for row in epochs] == [1, 2] == list(range(1, written["epochs_run"] + 1))
+    assert max(row["ndcg@10"] for row in epochs) == pytest.approx(written["best_valid_ndcg@10"])
     assert (tmp_path / "run" / "sasrec.pt").exists()
     assert not (tmp_path / "models").exists()  # never where compress.py / evaluate.py look for LLMs
     with pytest.raises(ValueError, match="LLM recommender"):

@@ -28,6 +28,7 @@ from odllm.files import write_json
 from odllm.model.backbone import add_dropout, build_model, memory_summary, merge, parameter_summary
 from odllm.model.module import SeqRecModule
 from odllm.model.recommender import Recommender
+from odllm.runner.history import ValidationHistory
 from odllm.runner.loggers import log_results, run_logger, sweep_job
 from odllm.runner.train_sasrec import train_sasrec
 from odllm.versions import package_versions
@@ -103,7 +104,8 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
     # last.ckpt after every epoch from a callback of its own: Lightning 2.6's save_last writes it only when a new
     # best is saved, so a run killed after epochs that did not improve would resume from the best one
     latest = ModelCheckpoint(dirpath=checkpoints, filename="last")
-    callbacks = [checkpoint, latest]
+    history = ValidationHistory()
+    callbacks = [checkpoint, latest, history]
     if cfg.train.early_stopping_patience:
         callbacks.append(EarlyStopping("val/ndcg@10", mode="max", patience=cfg.train.early_stopping_patience))
     if cfg.train.ema_decay:
@@ -157,6 +159,7 @@ def _fit_and_test(cfg: DictConfig, output_dir: Path, logger: Logger | None) -> d
         "epochs_run": trainer.current_epoch,
         "train_seconds": round(fit_seconds, 1),
         "best_valid_ndcg@10": meta["best_valid_ndcg@10"],
+        "valid_by_epoch": history.epochs,
         "valid_users": len(valid),
         "test_users": len(split.test),
         "test_users_note": test_note,

@@ -24,6 +24,7 @@ from odllm.eval.metrics import format_metrics, ranking_metrics
 from odllm.eval.protocol import popularity_baseline
 from odllm.files import write_json
 from odllm.model.sasrec import ItemVocab, SASRecData, SASRecModule, SASRecSettings, example_tensors, target_ranks
+from odllm.runner.history import ValidationHistory
 from odllm.runner.loggers import log_results, run_logger
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,13 @@ def train_sasrec(cfg: DictConfig, output_dir: str | Path) -> dict:
                  len(data.windows), int(data.n_targets.sum()), sum(p.numel() for p in module.parameters()))
         checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor="val/ndcg@10",
                                      mode="max")
+        history = ValidationHistory()
         trainer = L.Trainer(
             accelerator=cfg.trainer.accelerator,
             devices=1,  # a model this small gains nothing from more processes
             max_epochs=settings.max_epochs,
             precision=cfg.trainer.precision,
-            callbacks=[checkpoint, EarlyStopping("val/ndcg@10", mode="max", patience=settings.patience)],
+            callbacks=[checkpoint, history, EarlyStopping("val/ndcg@10", mode="max", patience=settings.patience)],
             logger=logger or False,
             default_root_dir=output_dir,
             reload_dataloaders_every_n_epochs=1,
@@ -99,6 +101,7 @@ def train_sasrec(cfg: DictConfig, output_dir: str | Path) -> dict:
             "train_seconds": round(fit_seconds, 1),
             "best_valid_ndcg@10": float(checkpoint.best_model_score or float("nan")),
             "best_checkpoint": str(best),
+            "valid_by_epoch": history.epochs,
             "valid_users": len(split.valid),
             "test": {
                 "metrics": metrics,
