@@ -160,7 +160,8 @@ def check_index(cfg: DictConfig) -> None:
     check_dataset(cfg)
     text(cfg, "paths.indices_dir", "indices")
     text(cfg, "index.name", "ml-100k-text", optional=True)
-    choice(cfg, "index.embeddings", ("auto", "text", "collaborative"))
+    if choice(cfg, "index.embeddings", ("auto", "text", "collaborative", "sasrec")) == "sasrec":
+        text(cfg, "index.sasrec.path", "outputs/train/Instruments/<run>/sasrec.pt")
     for key, low, example in (("text.batch_size", 1, 64), ("text.max_length", 1, 128), ("collaborative.dim", 1, 64),
                               ("collaborative.window", 1, 5), ("levels", 1, 4), ("codebook_size", 2, 256),
                               ("latent_dim", 1, 32), ("epochs", 1, 300), ("batch_size", 1, 1024),

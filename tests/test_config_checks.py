@@ -105,6 +105,8 @@ def test_index_and_prepare_keys(tmp_path):
         check_index(compose_config(["index.lr=0"], "index"))
     with pytest.raises(ConfigError, match="index.embeddings='words'"):
         check_index(compose_config(["index.embeddings=words"], "index"))
+    with pytest.raises(ConfigError, match="index.sasrec.path=None must be a non-empty string, e.g. .*sasrec.pt"):
+        check_index(compose_config(["index.embeddings=sasrec"], "index"))
     with pytest.raises(ConfigError, match="prepare.raw_dir is required"):
         check_prepare(compose_config([], "prepare"))
     with pytest.raises(ConfigError, match="is not a directory"):

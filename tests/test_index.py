@@ -161,3 +161,18 @@ def test_text_embeddings_from_the_packaged_encoder(monkeypatch):
                           progress=False)
     assert emb.shape == (3, 384) and torch.allclose(emb.norm(dim=1), torch.ones(3), atol=1e-5)
     assert emb[0] @ emb[1] > emb[0] @ emb[2]
+
+
+def test_sasrec_embeddings_follow_the_item_order_and_zero_untrained_items(tmp_path):
+    table = torch.randn(5, 3)  # row 0 pads SASRec's table; its items are "c", "a", "b", "z"
+    torch.save({"state_dict": {"items.weight": table}, "items": ["c", "a", "b", "z"]}, tmp_path / "sasrec.pt")
+    settings = IndexSettings(sasrec={"path": str(tmp_path / "sasrec.pt")})
+    ds = Dataset("toy", {"u0": ["a", "b", "c", "a", "b"], "u1": ["b", "c", "a", "z"]})  # z: a test target only
+    emb = item_embeddings(settings, ds, "sasrec", 20, 0)
+    expected = torch.nn.functional.normalize(table[[{"c": 1, "a": 2, "b": 3}[i] for i in ("a", "b", "c")]], dim=-1)
+    assert ds.items == ["a", "b", "c", "z"] and torch.allclose(emb[:3], expected)
+    assert torch.count_nonzero(emb[3]) == 0  # never in a training sequence: no signal
+    with pytest.raises(ValueError, match="1 of 5 items are not in it .*'new'"):
+        item_embeddings(settings, Dataset("toy", {**ds.sequences, "u2": ["new", "a", "b"]}), "sasrec", 20, 0)
+    with pytest.raises(FileNotFoundError, match="python train.py model=sasrec"):
+        item_embeddings(IndexSettings(sasrec={"path": str(tmp_path / "none.pt")}), ds, "sasrec", 20, 0)

@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import compose_config, tiny_overrides
 
-from odllm.data.dataset import Example
+from odllm import config
+from odllm.data.dataset import Example, load_dataset
+from odllm.index.build import IndexSettings, item_embeddings
 from odllm.model.sasrec import (
     ItemVocab,
     SASRec,
@@ -96,6 +98,10 @@ def test_train_py_model_sasrec_writes_metrics(tmp_path, one_thread):
     assert [row["epoch"] for row in epochs] == [1, 2] == list(range(1, written["epochs_run"] + 1))
     assert max(row["ndcg@10"] for row in epochs) == pytest.approx(written["best_valid_ndcg@10"])
     assert (tmp_path / "run" / "sasrec.pt").exists()
+    dataset = load_dataset(config.dataset_source(cfg))  # its item table can seed a learned index
+    sasrec = IndexSettings(sasrec={"path": str(tmp_path / "run" / "sasrec.pt")})
+    emb = item_embeddings(sasrec, dataset, "sasrec", cfg.task.max_history, cfg.seed)
+    assert emb.shape == (len(dataset.items), cfg.model.hidden_size) and torch.isfinite(emb).all()
     assert not (tmp_path / "models").exists()  # never where compress.py / evaluate.py look for LLMs
     with pytest.raises(ValueError, match="LLM recommender"):
         train(compose_config([*overrides, "model=sasrec", "compress=odllm"]), tmp_path / "run2")

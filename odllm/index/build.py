@@ -1,6 +1,6 @@
 """``python -m odllm.index dataset=ml-100k``: learn a collision-free item index and write it in LC-Rec's format.
 
-Item embeddings (text or collaborative, :mod:`odllm.index.embeddings`) -> RQ-VAE (:mod:`odllm.index.rqvae`) ->
+Item embeddings (text, collaborative or SASRec's, :mod:`odllm.index.embeddings`) -> RQ-VAE (:mod:`odllm.index.rqvae`) ->
 codes by nearest code on every level -> LC-Rec's uniform semantic mapping for items that still share a
 code (their last level re-assigned by Sinkhorn, group by group, up to ``sinkhorn.rounds`` times) -> any
 remaining ties told apart by one extra level (``<e_0>``, ``<e_1>``, ... within a group; ``<e_0>`` for every
@@ -30,7 +30,7 @@ from odllm.checks import check_index, user_errors
 from odllm.data.dataset import Dataset, DatasetSource, leave_one_out, load_dataset
 from odllm.data.items import INDEX_SUFFIX
 from odllm.files import write_json
-from odllm.index.embeddings import collaborative_embeddings, text_embeddings
+from odllm.index.embeddings import collaborative_embeddings, sasrec_embeddings, text_embeddings
 from odllm.index.rqvae import RQVAE, train_rqvae
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class IndexSettings:
     embeddings: str = "auto"
     text: dict = field(default_factory=lambda: {"batch_size": 64, "max_length": 128})
     collaborative: dict = field(default_factory=lambda: {"dim": 64, "window": 5})
+    sasrec: dict = field(default_factory=lambda: {"path": None})
     levels: int = 4
     codebook_size: int = 256
     latent_dim: int = 32
@@ -84,8 +85,8 @@ def embedding_source(source: str, dataset: Dataset) -> str:
             f"index.embeddings=text: {len(missing)} of {len(dataset.items)} items of {dataset.name} have no text "
             f"(e.g. {missing[:5]}); use index.embeddings=collaborative"
         )
-    if source not in ("text", "collaborative"):
-        raise ValueError(f"unknown index.embeddings {source!r}; choose auto, text or collaborative")
+    if source not in ("text", "collaborative", "sasrec"):
+        raise ValueError(f"unknown index.embeddings {source!r}; choose auto, text, collaborative or sasrec")
     return source
 
 
@@ -98,6 +99,8 @@ def item_embeddings(
         texts = [dataset.item_text[i] for i in items]
         return text_embeddings(texts, t["batch_size"], t["max_length"], settings.progress)
     train = leave_one_out(dataset, max_history).train  # never the valid/test targets
+    if source == "sasrec":
+        return sasrec_embeddings(settings.sasrec["path"], items, {i for seq in train.values() for i in seq})
     c = settings.collaborative
     return collaborative_embeddings(train, items, c["dim"], c["window"], seed)
 

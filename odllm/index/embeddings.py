@@ -9,6 +9,11 @@ embedded by a factorisation of its co-occurrence with other items within ``windo
 *training* part of each sequence (the valid and test targets never enter): positive PMI, truncated SVD,
 E = U_k Sigma_k^1/2 (Levy & Goldberg's SVD view of skip-gram), rows L2-normalised. An item with no
 training interaction has no signal and gets the zero vector.
+
+``sasrec``: the item table of a SASRec run of the same dataset (``python train.py model=sasrec`` writes
+``sasrec.pt``), which learned which items follow which contexts; SASRec trains on the same training part
+and only chooses its epoch on the valid targets. Rows L2-normalised; items without a training interaction
+get the zero vector, as above.
 """
 
 from __future__ import annotations
@@ -101,4 +106,26 @@ def collaborative_embeddings(
     unseen = int((row_sum == 0).sum())
     if unseen:
         log.info("%d items have no co-occurrence in the training sequences: zero embedding", unseen)
+    return F.normalize(emb, dim=-1)
+
+
+def sasrec_embeddings(path: str | Path, items: Sequence[str], trained: set[str]) -> torch.Tensor:
+    """(n_items, hidden) rows of a saved SASRec item table, in ``items`` order (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"index.sasrec.path={str(path)!r} is not a file: train SASRec first (python train.py model=sasrec "
+            "dataset=<the same dataset>) and point at the sasrec.pt in its run directory"
+        )
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    row = {item: i + 1 for i, item in enumerate(saved["items"])}  # row 0 pads
+    missing = [i for i in items if i not in row]
+    if missing:
+        raise ValueError(
+            f"{path} was trained on other items: {len(missing)} of {len(items)} items are not in it "
+            f"(e.g. {missing[:5]}); train SASRec on this dataset"
+        )
+    table = saved["state_dict"]["items.weight"].float()
+    emb = table[[row[i] for i in items]]
+    emb[[n for n, i in enumerate(items) if i not in trained]] = 0.0
     return F.normalize(emb, dim=-1)
