@@ -111,6 +111,8 @@ def collaborative_embeddings(
 
 def sasrec_embeddings(path: str | Path, items: Sequence[str], trained: set[str]) -> torch.Tensor:
     """(n_items, hidden) rows of a saved SASRec item table, in ``items`` order (see the module docstring)."""
+    from odllm.model.sasrec import ItemVocab  # here, not at the top: it imports lightning (3 s) for one class
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -118,7 +120,7 @@ def sasrec_embeddings(path: str | Path, items: Sequence[str], trained: set[str])
             "dataset=<the same dataset>) and point at the sasrec.pt in its run directory"
         )
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    row = {item: i + 1 for i, item in enumerate(saved["items"])}  # row 0 pads
+    row = ItemVocab(saved["items"]).index  # SASRec's own item -> table row (row 0 pads)
     missing = [i for i in items if i not in row]
     if missing:
         raise ValueError(
