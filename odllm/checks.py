@@ -26,6 +26,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent  # train.py, compress.py, evaluate.py
 SEED_MAX = 2**32 - 1  # Lightning's seed_everything replaces a seed outside [0, 2**32 - 1] by a random one
+INDEX_EMBEDDINGS = ("auto", "text", "collaborative", "sasrec")  # index.embeddings: item vectors the indexer can read
 
 
 class ConfigError(ValueError):
@@ -160,7 +161,7 @@ def check_index(cfg: DictConfig) -> None:
     check_dataset(cfg)
     text(cfg, "paths.indices_dir", "indices")
     text(cfg, "index.name", "ml-100k-text", optional=True)
-    if choice(cfg, "index.embeddings", ("auto", "text", "collaborative", "sasrec")) == "sasrec":
+    if choice(cfg, "index.embeddings", INDEX_EMBEDDINGS) == "sasrec":
         text(cfg, "index.sasrec.path", "outputs/train/Instruments/<run>/sasrec.pt")
     for key, low, example in (("text.batch_size", 1, 64), ("text.max_length", 1, 128), ("collaborative.dim", 1, 64),
                               ("collaborative.window", 1, 5), ("levels", 1, 4), ("codebook_size", 2, 256),

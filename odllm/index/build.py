@@ -26,7 +26,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from odllm.checks import check_index, user_errors
+from odllm.checks import INDEX_EMBEDDINGS, check_index, user_errors
 from odllm.data.dataset import Dataset, DatasetSource, leave_one_out, load_dataset
 from odllm.data.items import INDEX_SUFFIX
 from odllm.files import write_json
@@ -85,8 +85,8 @@ def embedding_source(source: str, dataset: Dataset) -> str:
             f"index.embeddings=text: {len(missing)} of {len(dataset.items)} items of {dataset.name} have no text "
             f"(e.g. {missing[:5]}); use index.embeddings=collaborative"
         )
-    if source not in ("text", "collaborative", "sasrec"):
-        raise ValueError(f"unknown index.embeddings {source!r}; choose auto, text, collaborative or sasrec")
+    if source not in INDEX_EMBEDDINGS:
+        raise ValueError(f"unknown index.embeddings {source!r}; choose one of {', '.join(INDEX_EMBEDDINGS)}")
     return source
 
 
